@@ -1,0 +1,1 @@
+"""allot: per-layer allocation of model compression."""

@@ -1,0 +1,33 @@
+"""One exception hierarchy: every error allot raises on bad input is an `AllotError`.
+
+The CLI prints an `AllotError` as one line and exits with code 2; anything else is a bug.
+Messages say what is wrong and what to do about it.
+"""
+
+
+class AllotError(Exception):
+    """Base of every error allot raises on bad input or impossible requests."""
+
+
+class ConfigError(AllotError):
+    """A scheme, method or option has an invalid value."""
+
+
+class BudgetError(AllotError):
+    """A budget cannot be met by any plan on the candidate grid, or cannot be parsed."""
+
+
+class PlanError(AllotError):
+    """A plan is malformed, or does not fit the model it is applied to."""
+
+
+class ArtifactError(AllotError):
+    """An artifact directory is missing, corrupt, truncated, or does not fit its model."""
+
+
+class ModelError(AllotError):
+    """An unknown model name, a factory that fails, or weights that do not match the model."""
+
+
+class DataError(AllotError):
+    """An unknown data set, empty calibration data, or data that does not fit the model."""

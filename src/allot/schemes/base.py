@@ -1,0 +1,102 @@
+"""Schemes: how one layer is compressed, with which parameters, and what that costs.
+
+A scheme is a frozen dataclass registered by its `kind`. It knows:
+- `storage_bits(spec)`: exact storage of the compressed weight in bits, counting every stored tensor
+  (codes, scales, offsets, indices, factors, codebooks) at its stored width, rounded up to whole
+  bytes per tensor exactly as saved. The layer's bias is not counted (it stays float and is counted
+  with the model's other parameters).
+- `compress(weight, bias, spec, stats)`: fit itself to a float weight and return the module that
+  really stores the compressed form.
+- `empty(spec)`: the same module with uninitialised storage, to load an artifact into.
+- `check(spec)`: raise `ConfigError` when it cannot apply to a layer (a rank above full rank, a group
+  size that does not divide the fan-in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from allot.discover import LayerSpec
+from allot.exceptions import ConfigError, PlanError
+from allot.stats import LayerStats
+
+SCHEMES: dict[str, type[Scheme]] = {}
+
+
+def register_scheme(cls: type[Scheme]) -> type[Scheme]:
+    """Class decorator: make a scheme constructible from its JSON and string forms."""
+    if cls.kind in SCHEMES:
+        raise ValueError(f"scheme kind {cls.kind!r} registered twice")
+    SCHEMES[cls.kind] = cls
+    return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """Base of all schemes. Subclasses are frozen dataclasses whose fields are their parameters."""
+
+    kind: ClassVar[str] = ""
+
+    def storage_bits(self, spec: LayerSpec) -> int:
+        """Bits the compressed weight of a layer with this spec occupies on disk."""
+        raise NotImplementedError
+
+    def compress(
+        self, weight: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats | None = None
+    ) -> nn.Module:
+        """Fit to `weight` (shape `spec.weight_shape`) and return the compressed module."""
+        raise NotImplementedError
+
+    def empty(self, spec: LayerSpec) -> nn.Module:
+        """The compressed module's structure, storage uninitialised, for loading a state dict."""
+        raise NotImplementedError
+
+    def check(self, spec: LayerSpec) -> None:
+        """Raise `ConfigError` when the scheme cannot apply to a layer with this spec."""
+
+    def label(self) -> str:
+        """Short human-readable name, e.g. `quant4`, `rank12`, `sparse0.05`, `keep`."""
+        values = "".join(str(v) for v in dataclasses.astuple(self) if v is not None)
+        return f"{self.kind}{values}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def parse_args(cls, args: list[str]) -> Scheme:
+        """Build from the colon-separated arguments of the string form (`quant:4:g64` -> ['4', 'g64'])."""
+        raise NotImplementedError
+
+
+def scheme_from_json(data: Any, where: str = "scheme") -> Scheme:
+    """Rebuild a scheme from its JSON form; `PlanError` names the bad field."""
+    if not isinstance(data, dict) or "kind" not in data:
+        raise PlanError(f"{where}: expected an object with a 'kind' field, got {data!r}")
+    params = dict(data)
+    kind = params.pop("kind")
+    if kind not in SCHEMES:
+        raise PlanError(f"{where}.kind: unknown scheme {kind!r}; known: {', '.join(sorted(SCHEMES))}")
+    cls = SCHEMES[kind]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(params) - names
+    if unknown:
+        raise PlanError(f"{where}: unknown field(s) {sorted(unknown)} for scheme {kind!r}")
+    try:
+        return cls(**params)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise PlanError(f"{where}: {exc}") from exc
+
+
+def parse_scheme(text: str) -> Scheme:
+    """Parse the string form used on the command line: `quant:4`, `quant:4:g64`, `rank:8`,
+    `sparse:0.05`, `keep`."""
+    kind, *args = text.strip().split(":")
+    if kind not in SCHEMES:
+        raise ConfigError(f"unknown scheme {kind!r} in {text!r}; known: {', '.join(sorted(SCHEMES))}")
+    try:
+        return SCHEMES[kind].parse_args(args)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ConfigError(f"cannot parse scheme {text!r}: {exc}") from exc

@@ -1,1 +1,29 @@
-"""allot: per-layer allocation of model compression."""
+"""allot: per-layer allocation of model compression.
+
+Decide, layer by layer, how much and in which way each layer of a trained model can be compressed
+under a budget, then really compress it. Public surface:
+
+- `compress(model, dataset, method, budget)` -> `Result` (compressed model, plan, candidates)
+- `apply(model, plan)`: rewrite a float model according to a (possibly hand-edited) plan
+- `save(model, plan, directory)` / `load(directory, model_factory)`: artifacts
+- `Budget`, `Plan`, and the registries of schemes, methods and zoo models
+"""
+
+from allot.api import Result, compress
+from allot.apply import apply
+from allot.budget import Budget
+from allot.exceptions import AllotError
+from allot.io import load, save
+from allot.plan import LayerPlan, Plan
+
+__all__ = [
+    "AllotError",
+    "Budget",
+    "LayerPlan",
+    "Plan",
+    "Result",
+    "apply",
+    "compress",
+    "load",
+    "save",
+]

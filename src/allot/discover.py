@@ -38,9 +38,20 @@ class LayerSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS.values():
-            raise PlanError(f"layer kind must be one of {sorted(_KINDS.values())}, got {self.kind!r}")
+            raise PlanError(
+                f"layer kind must be one of {sorted(_KINDS.values())}, got {self.kind!r}"
+            )
         if self.out_features < 1 or self.in_features < 1:
             raise PlanError("layer features must be positive")
+        dims = len(self.kernel_size)
+        if self.kind != "linear" and dims != int(self.kind[4]):
+            raise PlanError(
+                f"a {self.kind} layer needs a {self.kind[4]}-d kernel_size, got {self.kernel_size}"
+            )
+        # Conv defaults as in torch: stride 1, no padding, no dilation.
+        for name, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
+            if getattr(self, name) == ():
+                object.__setattr__(self, name, (default,) * dims)
 
     @property
     def fan_in(self) -> int:
@@ -56,9 +67,14 @@ class LayerSpec:
         """Number of weights (the bias is not counted)."""
         return self.out_features * self.fan_in
 
-    def with_channels(self, out_features: int | None = None, in_features: int | None = None,
-                      kernel_size: tuple[int, ...] | None = None, bias: bool | None = None,
-                      pointwise: bool = False) -> LayerSpec:
+    def with_channels(
+        self,
+        out_features: int | None = None,
+        in_features: int | None = None,
+        kernel_size: tuple[int, ...] | None = None,
+        bias: bool | None = None,
+        pointwise: bool = False,
+    ) -> LayerSpec:
         """A spec of the same kind with other channel counts; `pointwise` makes a 1x1, stride-1 op."""
         k = tuple(1 for _ in self.kernel_size) if pointwise else self.kernel_size
         return LayerSpec(

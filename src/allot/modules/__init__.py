@@ -1,0 +1,27 @@
+"""Compressed modules that really store less, and the bit packing they use."""
+
+from allot.modules.base import (
+    CompressedLayer,
+    build_float_layer,
+    check_layer_tensors,
+    dense_weight,
+    layer_storage_bits,
+)
+from allot.modules.lowrank import LowRankLayer
+from allot.modules.packing import pack, packed_nbytes, unpack
+from allot.modules.quant import QuantizedLayer
+from allot.modules.sparse import SparseLayer
+
+__all__ = [
+    "CompressedLayer",
+    "LowRankLayer",
+    "QuantizedLayer",
+    "SparseLayer",
+    "build_float_layer",
+    "check_layer_tensors",
+    "dense_weight",
+    "layer_storage_bits",
+    "pack",
+    "packed_nbytes",
+    "unpack",
+]

@@ -1,0 +1,19 @@
+"""Schemes: how one layer is compressed (see `allot.schemes.base`)."""
+
+from allot.schemes.base import SCHEMES, Scheme, parse_scheme, register_scheme, scheme_from_json
+from allot.schemes.keep import Keep
+from allot.schemes.lowrank import LowRank
+from allot.schemes.quant import Quant
+from allot.schemes.sparse import Sparse
+
+__all__ = [
+    "SCHEMES",
+    "Keep",
+    "LowRank",
+    "Quant",
+    "Scheme",
+    "Sparse",
+    "parse_scheme",
+    "register_scheme",
+    "scheme_from_json",
+]

@@ -8,8 +8,8 @@ A scheme is a frozen dataclass registered by its `kind`. It knows:
 - `compress(weight, bias, spec, stats)`: fit itself to a float weight and return the module that
   really stores the compressed form.
 - `empty(spec)`: the same module with uninitialised storage, to load an artifact into.
-- `check(spec)`: raise `ConfigError` when it cannot apply to a layer (a rank above full rank, a group
-  size that does not divide the fan-in).
+- `check(spec)`: raise `ConfigError` when it cannot apply to a layer (a rank above full rank, a
+  group size that does not divide the fan-in).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class Scheme:
 
     @classmethod
     def parse_args(cls, args: list[str]) -> Scheme:
-        """Build from the colon-separated arguments of the string form (`quant:4:g64` -> ['4', 'g64'])."""
+        """Build from the colon-separated arguments of the string form
+        (`quant:4:g64` -> ['4', 'g64'])."""
         raise NotImplementedError
 
 
@@ -78,7 +79,9 @@ def scheme_from_json(data: Any, where: str = "scheme") -> Scheme:
     params = dict(data)
     kind = params.pop("kind")
     if kind not in SCHEMES:
-        raise PlanError(f"{where}.kind: unknown scheme {kind!r}; known: {', '.join(sorted(SCHEMES))}")
+        raise PlanError(
+            f"{where}.kind: unknown scheme {kind!r}; known: {', '.join(sorted(SCHEMES))}"
+        )
     cls = SCHEMES[kind]
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(params) - names
@@ -95,8 +98,19 @@ def parse_scheme(text: str) -> Scheme:
     `sparse:0.05`, `keep`."""
     kind, *args = text.strip().split(":")
     if kind not in SCHEMES:
-        raise ConfigError(f"unknown scheme {kind!r} in {text!r}; known: {', '.join(sorted(SCHEMES))}")
+        raise ConfigError(
+            f"unknown scheme {kind!r} in {text!r}; known: {', '.join(sorted(SCHEMES))}"
+        )
     try:
         return SCHEMES[kind].parse_args(args)
     except (TypeError, ValueError, IndexError) as exc:
         raise ConfigError(f"cannot parse scheme {text!r}: {exc}") from exc
+
+
+def check_int_field(owner: str, name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Raise `ConfigError` naming `owner.name` unless `value` is an int (not bool) in low..high."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if ok and (high is None or value <= high):
+        return
+    bounds = f"in {low}..{high}" if high is not None else f">= {low}"
+    raise ConfigError(f"{owner}.{name} must be an int {bounds}, got {value!r}")

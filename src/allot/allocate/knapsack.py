@@ -1,0 +1,175 @@
+"""Exact multiple-choice knapsack: one option per layer, least damage under a cost budget or least
+cost under a damage limit, solved as a 0/1 integer program with HiGHS (scipy.optimize.milp).
+
+A MILP solver works to tolerances, so this module makes the answer exact in three ways:
+
+- the problem it hands HiGHS is well scaled: per layer the smallest value is subtracted, and both
+  the objective and the constraint row are divided by their largest remaining value, so that bit
+  counts of 1e3 or 1e9 look the same to the solver's absolute tolerances;
+- HiGHS runs with no optimality gap and feasibility tolerances of 1e-9 (scipy passes these
+  options through to HiGHS verbatim);
+- the rounded answer is checked against the limit in float64 with the same totals as
+  `Options.total`. A choice that breaks the limit by less than the solver's tolerance is cut off
+  by a constraint that forbids exactly that choice, and the problem is solved again. An infeasible
+  choice is never returned.
+
+Ties are broken by a second solve: of all choices with the least damage, the cheapest (and, for
+`minimize_cost`, of all cheapest choices the least damaging). The result does not depend on
+anything but the input.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from allot.allocate.table import Options, nondominated
+from allot.exceptions import BudgetError
+
+# Options scipy does not know by name; it warns and passes them to HiGHS unchanged.
+_HIGHS_OPTIONS = {
+    "presolve": False,
+    "mip_rel_gap": 0.0,
+    "mip_abs_gap": 0.0,
+    "mip_feasibility_tolerance": 1e-9,
+    "primal_feasibility_tolerance": 1e-9,
+}
+# Each round cuts off one choice that HiGHS accepted within its tolerance but that breaks the limit.
+_MAX_ROUNDS = 32
+
+
+def minimize_damage(options: Options, max_cost: float) -> list[int]:
+    """The choice with the least total damage whose total cost is at most ``max_cost`` bits.
+
+    Of several choices with the least damage, the cheapest is returned. Returns one option index
+    per layer. Raises BudgetError if even the cheapest choice costs more than ``max_cost``.
+    """
+    max_cost = options.check_budget(max_cost)
+    fronts, costs, damages = _fronts(options)
+    choice = _lexicographic(damages, costs, max_cost)
+    return [int(front[j]) for front, j in zip(fronts, choice, strict=True)]
+
+
+def minimize_cost(options: Options, max_damage: float) -> list[int]:
+    """The cheapest choice (total bits) whose total damage is at most ``max_damage``.
+
+    Of several cheapest choices, the least damaging is returned. Returns one option index per
+    layer. Raises BudgetError if even the least damaging choice damages more than ``max_damage``.
+    """
+    max_damage = float(max_damage)
+    smallest = options.min_damage()
+    # Written so that a NaN limit fails too.
+    if not max_damage >= smallest:
+        raise BudgetError(
+            f"damage limit {max_damage:.10g} is below the smallest damage reachable on the "
+            f"candidate grid ({smallest:.10g}); raise the limit or add less damaging candidates"
+        )
+    fronts, costs, damages = _fronts(options)
+    choice = _lexicographic(costs, damages, max_damage)
+    return [int(front[j]) for front, j in zip(fronts, choice, strict=True)]
+
+
+def _fronts(options: Options) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per layer: the indices of the non-dominated options, and their costs and damages."""
+    fronts = [nondominated(c, d) for c, d in zip(options.costs, options.damages, strict=True)]
+    costs = [c[front] for c, front in zip(options.costs, fronts, strict=True)]
+    damages = [d[front] for d, front in zip(options.damages, fronts, strict=True)]
+    return fronts, costs, damages
+
+
+def _total(values: Sequence[np.ndarray], choice: Sequence[int]) -> float:
+    return math.fsum(float(v[j]) for v, j in zip(values, choice, strict=True))
+
+
+def _lexicographic(
+    objective: Sequence[np.ndarray], constrained: Sequence[np.ndarray], limit: float
+) -> list[int]:
+    """Least total objective with total constrained <= limit; of those, least total constrained.
+
+    The inputs are per-layer Pareto fronts (see `_solve`), and the choice of every layer's
+    smallest constrained value must fit the limit.
+    """
+    first = _solve(objective, constrained, limit)
+    if first is None:
+        raise RuntimeError(
+            "HiGHS found no choice within the limit although one exists; this is a bug in allot"
+        )
+    # Ties: the same problem the other way round, limited to the best objective just found. Its
+    # answer is at least as good in both totals, unless HiGHS fails, and then `first` stands.
+    second = _solve(constrained, objective, _total(objective, first))
+    if second is not None and _total(constrained, second) <= _total(constrained, first):
+        return second
+    return first
+
+
+def _solve(
+    objective: Sequence[np.ndarray], constrained: Sequence[np.ndarray], limit: float
+) -> list[int] | None:
+    """Least total objective with total constrained <= limit, or None if HiGHS fails.
+
+    Each layer's options form a Pareto front: along the arrays one strictly increases while the
+    other strictly decreases, so no two options of a layer tie. The choice of every layer's
+    smallest constrained value must fit the limit.
+    """
+    floor = [float(values.min()) for values in constrained]
+    # Drop options that break the limit even with every other layer at its smallest value. The
+    # test uses the exact totals, so no option of a feasible choice is dropped; it shrinks the
+    # problem and keeps the constraint row scaled to the room the limit leaves.
+    kept = []
+    for i, values in enumerate(constrained):
+        others = floor[:i] + floor[i + 1 :]
+        fits = [math.fsum([*others, float(v)]) <= limit for v in values]
+        kept.append(np.flatnonzero(fits))
+
+    # Without the limit every layer takes its best option; if that choice fits, it is optimal.
+    best = [int(ix[np.argmin(o[ix])]) for o, ix in zip(objective, kept, strict=True)]
+    if _total(constrained, best) <= limit:
+        return best
+
+    counts = [ix.size for ix in kept]
+    start = np.concatenate(([0], np.cumsum(counts)))
+    num_layers, num_vars = len(kept), int(start[-1])
+    # Shifted per layer (a constant per layer changes no decision) and scaled to at most 1.
+    c = np.concatenate([o[ix] - o[ix].min() for o, ix in zip(objective, kept, strict=True)])
+    a = np.concatenate([k[ix] - k[ix].min() for k, ix in zip(constrained, kept, strict=True)])
+    rhs = (limit - math.fsum(floor)) / a.max()
+    c /= c.max()
+    a /= a.max()
+
+    layer_of = np.repeat(np.arange(num_layers), counts)
+    one_each = csr_array((np.ones(num_vars), (layer_of, np.arange(num_vars))))
+    rows = [LinearConstraint(one_each, 1, 1), LinearConstraint(a[np.newaxis, :], -np.inf, rhs)]
+    cut_off: list[np.ndarray] = []  # variables of choices HiGHS accepted that break the limit
+    for _ in range(_MAX_ROUNDS):
+        if cut_off:
+            cut_vars = np.concatenate(cut_off)
+            cut_rows = np.repeat(np.arange(len(cut_off)), num_layers)
+            cuts = csr_array(
+                (np.ones(cut_vars.size), (cut_rows, cut_vars)), (len(cut_off), num_vars)
+            )
+            # At least one layer must differ from each cut-off choice.
+            rows_now = [*rows, LinearConstraint(cuts, -np.inf, num_layers - 1)]
+        else:
+            rows_now = rows
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
+            result = milp(
+                c,
+                integrality=np.ones(num_vars),
+                bounds=Bounds(0, 1),
+                constraints=rows_now,
+                options=_HIGHS_OPTIONS,
+            )
+        if result.status != 0:
+            return None
+        local = [int(np.argmax(result.x[start[i] : start[i + 1]])) for i in range(num_layers)]
+        choice = [int(ix[j]) for ix, j in zip(kept, local, strict=True)]
+        if _total(constrained, choice) <= limit:
+            return choice
+        cut_off.append(start[:-1] + np.array(local))
+    return None

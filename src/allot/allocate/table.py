@@ -1,0 +1,145 @@
+"""The allocator's input: for every layer, the cost and the predicted damage of each option.
+
+Option ``j`` of layer ``i`` is one candidate scheme for that layer. Its cost is in bits (storage)
+unless the caller says otherwise; its damage is the error model's prediction and may be negative
+(a candidate that lowers the loss). A *choice* is one option index per layer.
+
+Totals are summed with `math.fsum`, which rounds the exact sum once: the total of a choice does not
+depend on the order of the layers, and every allocator checks budgets against these same totals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from allot.exceptions import BudgetError, ConfigError, PlanError
+
+
+def _as_vectors(name: str, values: Sequence[ArrayLike]) -> tuple[np.ndarray, ...]:
+    """Per-layer read-only float64 copies; ConfigError unless each is 1-D, non-empty and finite."""
+    vectors = []
+    for i, value in enumerate(values):
+        try:
+            vector = np.array(value, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{name}[{i}] is not a list of numbers: {err}") from None
+        if vector.ndim != 1:
+            raise ConfigError(
+                f"{name}[{i}] must be 1-D (one value per option), got {vector.ndim}-D"
+            )
+        if vector.size == 0:
+            raise ConfigError(f"{name}[{i}] is empty: every layer needs at least one option")
+        if not np.all(np.isfinite(vector)):
+            raise ConfigError(f"{name}[{i}] has a value that is NaN or infinite: {vector.tolist()}")
+        vector.flags.writeable = False
+        vectors.append(vector)
+    return tuple(vectors)
+
+
+@dataclass(frozen=True, eq=False)
+class Options:
+    """Cost (bits unless said otherwise) and damage of every option of every layer.
+
+    ``costs[i][j]`` and ``damages[i][j]`` describe option ``j`` of layer ``i``. Any sequence of
+    array-likes is accepted; they are stored as tuples of read-only 1-D float64 arrays. Raises
+    ConfigError unless there is at least one layer, every layer has at least one option, costs and
+    damages have the same shape per layer, all values are finite and all costs are non-negative.
+    Equality is identity: two tables with equal values are still two tables.
+    """
+
+    costs: tuple[np.ndarray, ...]
+    damages: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        costs = _as_vectors("costs", self.costs)
+        damages = _as_vectors("damages", self.damages)
+        if not costs:
+            raise ConfigError("options need at least one layer")
+        if len(costs) != len(damages):
+            raise ConfigError(
+                f"costs has {len(costs)} layers but damages has {len(damages)}; give both per layer"
+            )
+        for i, (cost, damage) in enumerate(zip(costs, damages, strict=True)):
+            if cost.size != damage.size:
+                raise ConfigError(
+                    f"layer {i} has {cost.size} costs but {damage.size} damages; "
+                    "give one cost and one damage per option"
+                )
+            if np.any(cost < 0):
+                raise ConfigError(f"layer {i} has a negative cost: {cost.tolist()}")
+        object.__setattr__(self, "costs", costs)
+        object.__setattr__(self, "damages", damages)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layers."""
+        return len(self.costs)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Number of options of each layer."""
+        return tuple(cost.size for cost in self.costs)
+
+    def min_cost(self) -> float:
+        """Smallest total cost of any choice (bits): every layer at its cheapest option."""
+        return math.fsum(float(cost.min()) for cost in self.costs)
+
+    def max_cost(self) -> float:
+        """Largest total cost of any choice (bits): every layer at its most expensive option."""
+        return math.fsum(float(cost.max()) for cost in self.costs)
+
+    def min_damage(self) -> float:
+        """Smallest total damage of any choice: every layer at its least damaging option."""
+        return math.fsum(float(damage.min()) for damage in self.damages)
+
+    def check_budget(self, max_cost: float) -> float:
+        """``max_cost`` (bits) as a float; BudgetError if even the cheapest choice costs more."""
+        max_cost = float(max_cost)
+        smallest = self.min_cost()
+        # Written so that a NaN budget fails too.
+        if not max_cost >= smallest:
+            raise BudgetError(
+                f"budget {max_cost:.10g} bits is below the smallest plan on the candidate grid "
+                f"({smallest:.10g} bits); raise the budget or add cheaper candidates"
+            )
+        return max_cost
+
+    def total(self, choice: Sequence[int]) -> tuple[float, float]:
+        """Total (cost in bits, damage) of a choice of one option index per layer.
+
+        Raises PlanError if the choice does not have one valid index per layer.
+        """
+        if len(choice) != self.num_layers:
+            raise PlanError(
+                f"a choice needs one option index per layer: got {len(choice)} for "
+                f"{self.num_layers} layers"
+            )
+        for i, (j, size) in enumerate(zip(choice, self.sizes, strict=True)):
+            if not 0 <= j < size:
+                raise PlanError(f"layer {i} has options 0..{size - 1}, the choice picks {j}")
+        cost = math.fsum(float(c[j]) for c, j in zip(self.costs, choice, strict=True))
+        damage = math.fsum(float(d[j]) for d, j in zip(self.damages, choice, strict=True))
+        return cost, damage
+
+
+def nondominated(cost: np.ndarray, damage: np.ndarray) -> np.ndarray:
+    """Indices of one layer's options that no other option dominates, by increasing cost.
+
+    Option k dominates option j if it costs no more and damages no more, and is strictly better in
+    one of the two. Of options with equal cost and equal damage only the lowest index is kept, so
+    the result is unique. Along the result, cost strictly increases and damage strictly decreases.
+    Removing dominated options never changes the optimum of an allocation.
+    """
+    order = np.lexsort((np.arange(cost.size), damage, cost))
+    kept = []
+    best = math.inf
+    for j in order:
+        if damage[j] < best:
+            kept.append(j)
+            best = damage[j]
+    return np.array(kept, dtype=np.intp)

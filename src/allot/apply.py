@@ -1,0 +1,35 @@
+"""Apply a plan: replace each planned layer by the module that really stores its compressed form."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from allot.discover import discover, get_weight
+from allot.fold import fold_batchnorm, fold_structure
+from allot.plan import Plan
+from allot.stats import LayerStats
+
+
+def apply(model: nn.Module, plan: Plan, stats: dict[str, LayerStats] | None = None) -> nn.Module:
+    """Compress `model` in place according to `plan` (folding BatchNorm first where planned).
+
+    `PlanError` if the plan does not fit the model. Returns the same model object, in eval mode.
+    """
+    fold_batchnorm(model.eval(), plan.folded)
+    plan.check_fits(discover(model))
+    for layer in plan.layers:
+        weight, bias = get_weight(model, layer.name)
+        layer_stats = stats.get(layer.name) if stats else None
+        model.set_submodule(
+            layer.name, layer.scheme.compress(weight, bias, layer.spec, layer_stats)
+        )
+    return model
+
+
+def apply_structure(model: nn.Module, plan: Plan) -> nn.Module:
+    """The compressed model's structure with uninitialised storage, ready to load an artifact."""
+    fold_structure(model.eval(), plan.folded)
+    plan.check_fits(discover(model))
+    for layer in plan.layers:
+        model.set_submodule(layer.name, layer.scheme.empty(layer.spec))
+    return model.eval()

@@ -1,0 +1,103 @@
+"""Budgets: what the user fixes, and its translation into a limit on compressed weight bits.
+
+Units: the compressible weights' float size is 32 bits per weight. A *ratio* R means the compressed
+weights (codes, scales, offsets, indices, factors: everything stored for them) take at most
+1/R of their float32 size. *avg_bits* A is the same limit written as bits per weight (ratio = 32/A).
+*bytes* N limits the whole parameter payload: compressed weights plus every other float32 tensor
+(biases, normalisation parameters, embeddings). *bits* B means "the size of B-bit quantization of
+every layer" (per-channel scales included). *lossless* asks for the smallest plan whose measured
+calibration loss is not above the float model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from allot.exceptions import BudgetError
+
+KINDS = ("ratio", "avg_bits", "bytes", "bits", "lossless")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget of one kind (see module docstring); `value` is None only for `lossless`."""
+
+    kind: str
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise BudgetError(f"unknown budget kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.kind == "lossless":
+            if self.value is not None:
+                raise BudgetError("a lossless budget takes no value")
+            return
+        if not isinstance(self.value, (int, float)) or not self.value > 0:
+            raise BudgetError(f"budget {self.kind} must be a positive number, got {self.value!r}")
+        if self.kind == "ratio" and self.value < 1:
+            raise BudgetError(f"a compression ratio must be >= 1, got {self.value}")
+        if self.kind in ("avg_bits", "bits") and self.value > 32:
+            raise BudgetError(f"{self.kind} must be at most 32 (float32), got {self.value}")
+        if self.kind == "bits" and self.value != int(self.value):
+            raise BudgetError(f"--bits must be a whole bit-width, got {self.value}")
+
+    @property
+    def is_size(self) -> bool:
+        return self.kind != "lossless"
+
+    def describe(self) -> str:
+        labels = {
+            "ratio": "ratio {}x",
+            "avg_bits": "{} bits/weight",
+            "bytes": "{} bytes",
+            "bits": "{}-bit size",
+        }
+        return "lossless" if self.kind == "lossless" else labels[self.kind].format(self.value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Budget:
+        if not isinstance(data, dict) or set(data) != {"kind", "value"}:
+            raise BudgetError(f"budget must be an object with 'kind' and 'value', got {data!r}")
+        return cls(data["kind"], data["value"])
+
+
+def weight_bits_limit(
+    budget: Budget, n_weights: int, other_bits: int, bits_cost: int | None
+) -> float:
+    """The most bits the compressible weights may take under `budget`.
+
+    `n_weights`: number of compressible weights; `other_bits`: float32 bits of everything else the
+    artifact stores; `bits_cost`: storage of B-bit quantization of every layer (for kind `bits`).
+    """
+    if budget.kind == "ratio":
+        return 32 * n_weights / budget.value
+    if budget.kind == "avg_bits":
+        return budget.value * n_weights
+    if budget.kind == "bits":
+        if bits_cost is None:
+            raise BudgetError("--bits needs the cost of quantizing every layer at that width")
+        return float(bits_cost)
+    if budget.kind == "bytes":
+        limit = budget.value * 8 - other_bits
+        if limit <= 0:
+            raise BudgetError(
+                f"--bytes {budget.value:.0f} is below the {other_bits // 8} bytes of parameters that "
+                "stay float (biases, normalisation, embeddings); raise the budget"
+            )
+        return limit
+    raise BudgetError("a lossless budget has no size limit")
+
+
+def describe_bits(kind: str, bits: float, n_weights: int, other_bits: int) -> str:
+    """Express a weight-bit amount in the unit of a budget kind, for error messages."""
+    if kind == "ratio":
+        return f"ratio {32 * n_weights / bits:.3g}x"
+    if kind == "avg_bits":
+        return f"{bits / n_weights:.3g} bits/weight"
+    if kind == "bytes":
+        return f"{(bits + other_bits) / 8:.0f} bytes"
+    return f"{bits:.0f} bits"

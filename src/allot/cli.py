@@ -1,0 +1,342 @@
+"""The `allot` command: compress, evaluate, analyze, report, zoo, demo.
+
+Every `AllotError` becomes one line on stderr and exit code 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from allot import api
+from allot.budget import Budget
+from allot.evaluate import calibration_loss, file_bytes, latency, macs, metrics, parameter_count
+from allot.exceptions import AllotError, ArtifactError, DataError
+from allot.io import WEIGHTS, read_plan, save, write_json
+from allot.methods import METHODS
+from allot.plan import Plan
+from allot.report.markdown import write_report
+from allot.source import float_model, is_file_reference
+from allot.zoo import MODELS, Dataset, get_dataset, get_entry
+
+EVALUATION = "evaluation.json"
+console = Console()
+
+
+def _dataset(model_ref: str, data: str | None, calibration: int, seed: int) -> Dataset:
+    if data is None:
+        if is_file_reference(model_ref):
+            raise DataError("a model given as FILE.py:FACTORY needs --data ZOO_DATA")
+        data = get_entry(model_ref).dataset
+    return get_dataset(data, calibration_size=calibration, seed=seed)
+
+
+def _evaluation(
+    model: nn.Module,
+    dataset: Dataset,
+    size_bytes: int,
+    ratio: float,
+    file_ratio: float,
+    with_latency: bool = False,
+    reference: nn.Module | None = None,
+) -> dict[str, Any]:
+    result: dict[str, Any] = dict(metrics(model, dataset))
+    result["calibration_loss"] = calibration_loss(model, dataset)
+    result["parameters"] = parameter_count(model)
+    result["bytes"] = size_bytes
+    result["ratio"] = ratio
+    result["file_ratio"] = file_ratio
+    example = dataset.example_inputs(1)
+    result["macs"] = macs(model, example)
+    if with_latency:
+        batch = dataset.example_inputs(min(64, len(dataset.test)))
+        result["latency_s"] = latency(model, batch)
+        if reference is not None:
+            result["latency_ratio"] = result["latency_s"] / latency(reference, batch)
+    return result
+
+
+def _print_evaluation(label: str, result: dict[str, Any]) -> None:
+    console.print(f"[bold]{label}[/bold]")
+    for key, value in result.items():
+        if key in ("ratio", "file_ratio", "latency_ratio"):
+            text = f"{value:.2f}x"
+        elif isinstance(value, int):
+            text = f"{value:,}"
+        elif isinstance(value, float):
+            text = f"{value:.4f}" if key != "latency_s" else f"{value * 1e3:.2f} ms"
+        else:
+            text = str(value)
+        print(f"{key}: {text}")
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    if args.lossless:
+        return Budget("lossless")
+    for kind in ("ratio", "avg_bits", "bytes", "bits"):
+        value = getattr(args, kind)
+        if value is not None:
+            return Budget(kind, value)
+    raise AllotError("give a budget: --bits, --ratio, --avg-bits, --bytes or --lossless")
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    ref = args.model_file or args.model
+    if ref is None:
+        raise AllotError("name a zoo model (see `allot zoo list`) or give --model FILE.py:FACTORY")
+    if args.model_file and args.model:
+        raise AllotError("give either a zoo model name or --model FILE.py:FACTORY, not both")
+    budget = _budget(args)
+    model = float_model(ref, args.weights)
+    dataset = _dataset(ref, args.data, args.calibration, args.seed)
+    float_bytes = file_bytes(model)
+    result = api.compress(
+        model,
+        dataset,
+        args.method,
+        budget,
+        model_name=ref,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    if args.weights:
+        result.plan.metadata["float_weights"] = str(Path(args.weights).resolve())
+    out = save(result.model, result.plan, args.out)
+    artifact_bytes = (out / WEIGHTS).stat().st_size
+    evaluation = {
+        "float": _evaluation(model, dataset, float_bytes, 1.0, 1.0),
+        "compressed": _evaluation(
+            result.model, dataset, artifact_bytes, result.plan.ratio, float_bytes / artifact_bytes
+        ),
+    }
+    write_json(out / EVALUATION, evaluation)
+    report = write_report(result.plan, evaluation, out)
+    _print_evaluation(f"{ref} (float)", evaluation["float"])
+    _print_evaluation(
+        f"{ref} ({result.plan.method}, {budget.describe()})", evaluation["compressed"]
+    )
+    console.print(f"artifact: {out} ({artifact_bytes:,} bytes); report: {report}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    target = Path(args.target)
+    if target.is_dir():
+        from allot.io import load
+
+        model, plan = load(target)
+        reference = float_model(plan.model, plan.metadata.get("float_weights"))
+        dataset = _dataset(plan.model, args.data or plan.metadata.get("dataset"), 512, 0)
+        size = (target / WEIGHTS).stat().st_size
+        result = _evaluation(
+            model, dataset, size, plan.ratio, file_bytes(reference) / size, args.latency, reference
+        )
+        _print_evaluation(f"{target} ({plan.method} on {plan.model})", result)
+    else:
+        if not is_file_reference(args.target) and args.target not in MODELS and target.exists():
+            raise ArtifactError(f"{target} is not an artifact directory")
+        model = float_model(args.target, args.weights)
+        dataset = _dataset(args.target, args.data, 512, 0)
+        result = _evaluation(model, dataset, file_bytes(model), 1.0, 1.0, args.latency, model)
+        _print_evaluation(f"{args.target} (float)", result)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from allot.candidates import score_candidates
+    from allot.errors import get_error_model
+    from allot.methods import get_method
+    from allot.profile.activations import input_statistics
+
+    method = get_method(args.method)
+    model = float_model(args.model, args.weights)
+    dataset = _dataset(args.model, args.data, args.calibration, args.seed)
+    work, _pairs, discovery, _notes = api.prepare(model)
+    calibration = list(dataset.calibration.batches(dataset.batch_size))
+    stats = input_statistics(work, discovery.layers, calibration, not args.no_progress)
+    table = score_candidates(
+        work,
+        discovery.layers,
+        method.grid,
+        get_error_model(method.error_model),
+        stats,
+        not args.no_progress,
+    )
+    rows = [
+        {
+            "layer": layer.name,
+            "weights": layer.spec.numel,
+            "candidates": {
+                c.scheme.label(): {"cost_bits": c.cost_bits, "damage": c.damage} for c in row
+            },
+        }
+        for layer, row in zip(table.layers, table.candidates, strict=True)
+    ]
+    labels = list(dict.fromkeys(label for row in rows for label in row["candidates"]))
+    shown = Table(title=f"{args.model}: predicted damage ({method.error_model} error model)")
+    for column in ("layer", "weights", *labels):
+        shown.add_column(column, justify="right" if column != "layer" else "left")
+    for row in rows:
+        cells = [
+            f"{row['candidates'][lab]['damage']:.3g}" if lab in row["candidates"] else ""
+            for lab in labels
+        ]
+        shown.add_row(row["layer"], f"{row['weights']:,}", *cells)
+    console.print(shown)
+    if args.out:
+        write_json(
+            Path(args.out) / "analysis.json",
+            {
+                "model": args.model,
+                "method": method.name,
+                "layers": rows,
+                "skipped": discovery.skipped,
+            },
+        )
+        console.print(f"analysis: {Path(args.out) / 'analysis.json'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    directory = Path(args.directory)
+    plan: Plan = read_plan(directory)
+    evaluation_path = directory / EVALUATION
+    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else {}
+    console.print(f"report: {write_report(plan, evaluation, directory)}")
+
+
+def cmd_zoo(args: argparse.Namespace) -> None:
+    if args.zoo_command == "list":
+        table = Table(title="allot zoo")
+        for column in ("model", "data set", "checkpoint", "description"):
+            table.add_column(column)
+        for name, entry in sorted(MODELS.items()):
+            sidecar = entry.checkpoint.with_suffix(".json")
+            if entry.pretrained is not None:
+                status = "pretrained package"
+            elif sidecar.exists():
+                recorded = json.loads(sidecar.read_text()).get("metrics", {})
+                status = ", ".join(
+                    f"{k} {recorded[k]:.4f}" for k in ("accuracy", "fidelity") if k in recorded
+                )
+            else:
+                status = "not trained"
+            table.add_row(name, entry.dataset, status, entry.description)
+        console.print(table)
+        return
+    from allot.zoo.train import save_checkpoint, train_model
+
+    model, result = train_model(args.name, epochs=args.epochs, progress=not args.no_progress)
+    path = save_checkpoint(
+        args.name, model, result, **({"directory": Path(args.out)} if args.out else {})
+    )
+    console.print(f"trained {args.name}: {result}; checkpoint: {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    args.model, args.model_file, args.weights, args.data = "mnist-resnet20", None, None, None
+    args.method, args.lossless, args.ratio, args.avg_bits, args.bytes = (
+        "uniform-quant",
+        False,
+        None,
+        None,
+        None,
+    )
+    args.bits, args.calibration, args.seed = 4, 512, 0
+    cmd_compress(args)
+
+
+def _add_budget(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--bits", type=int, help="the size of B-bit quantization of every layer")
+    group.add_argument("--ratio", type=float, help="compression ratio of the compressible weights")
+    group.add_argument(
+        "--avg-bits", type=float, help="average stored bits per weight (metadata incl.)"
+    )
+    group.add_argument("--bytes", type=float, help="bytes of all parameters after compression")
+    group.add_argument(
+        "--lossless",
+        action="store_true",
+        help="smallest plan whose calibration loss is not above the float model's",
+    )
+
+
+def _add_source(parser: argparse.ArgumentParser, calibration: bool = True) -> None:
+    parser.add_argument("--weights", help="safetensors weights for a FILE.py:FACTORY model")
+    parser.add_argument("--data", help="zoo data set (default: the zoo model's own)")
+    if calibration:
+        parser.add_argument("--calibration", type=int, default=512, help="calibration samples")
+        parser.add_argument(
+            "--seed", type=int, default=0, help="seed of calibration subset and fitting"
+        )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="allot", description=__doc__.splitlines()[0])
+    top.add_argument("--debug", action="store_true", help="show tracebacks")
+    top.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    top.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a model under a budget and write an artifact")
+    p.add_argument("model", nargs="?", help="zoo model name (see `allot zoo list`)")
+    p.add_argument("--model", dest="model_file", metavar="FILE.py:FACTORY", help="your own model")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--out", required=True, help="artifact directory")
+    _add_budget(p)
+    _add_source(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("evaluate", help="evaluate an artifact directory or a float zoo model")
+    p.add_argument("target", help="artifact directory, zoo model name, or FILE.py:FACTORY")
+    p.add_argument("--latency", action="store_true", help="measure CPU latency vs the float model")
+    _add_source(p, calibration=False)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("analyze", help="per-layer predicted damage of every candidate")
+    p.add_argument("model")
+    p.add_argument("--method", default="uniform-quant", choices=sorted(METHODS))
+    p.add_argument("--out", help="directory for analysis.json")
+    _add_source(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("report", help="(re)write report.md and plots of an artifact")
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("zoo", help="list or train the benchmark models")
+    zoo = p.add_subparsers(dest="zoo_command", required=True)
+    zoo.add_parser("list", help="registered models and their checkpoints")
+    t = zoo.add_parser("train", help="train a zoo model and write its checkpoint")
+    t.add_argument("name")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--out", default=None, help="checkpoint directory (default: the package's)")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("demo", help="compress mnist-resnet20 with uniform 4-bit quantization")
+    p.add_argument("--out", default="demo-out")
+    p.set_defaults(func=cmd_demo)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except AllotError as exc:
+        if args.debug:
+            raise
+        print(f"allot: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

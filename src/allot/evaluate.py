@@ -1,0 +1,102 @@
+"""Evaluate: task metrics on held-out data, sizes, multiply-accumulates and CPU latency.
+
+Sizes (see README, "Compression ratio"):
+- `weight_ratio`: float32 bits of all compressible weights / the bits their compressed form stores
+  (codes, scales, offsets, indices, factors all counted).
+- `file_bytes`: bytes of the safetensors file on disk (header included); `file_ratio` compares it with
+  the float model's safetensors file written the same way.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from allot.io import save_weights
+from allot.modules.base import CompressedLayer
+from allot.zoo.data import Dataset, Inputs, forward
+
+_FLOAT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def metrics(model: nn.Module, dataset: Dataset, split: str = "test") -> dict[str, float]:
+    """The task's metrics (headline first) on a split."""
+    return dataset.task.evaluate(model.eval(), dataset, split)
+
+
+def calibration_loss(model: nn.Module, dataset: Dataset) -> float:
+    """Mean task loss over the calibration split."""
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for inputs, targets in dataset.calibration.batches(dataset.batch_size):
+            total += float(dataset.task.loss(forward(model, inputs), targets)) * len(targets)
+            count += len(targets)
+    return total / count
+
+
+def state_bits(model: nn.Module) -> int:
+    """Bits of every tensor in the model's state dict, at its stored width."""
+    return 8 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def file_bytes(model: nn.Module) -> int:
+    """Size in bytes of the model's safetensors file, written as an artifact writes it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_weights(model, path)
+        return path.stat().st_size
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of values the model stores: packed integer codes count one per weight they encode,
+    so a quantized layer has as many parameters as its float original."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, CompressedLayer):  # compressed layers are leaves
+            total += module.parameter_count()
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
+
+
+def macs(model: nn.Module, inputs: Inputs) -> int:
+    """Multiply-accumulates of one forward pass on `inputs` (all samples), as the model executes it:
+    a factorized layer counts both factors; quantized and sparse layers dequantize and count dense."""
+    total = 0
+
+    def count(module: nn.Module, _args: tuple[Any, ...], output: Tensor) -> None:
+        nonlocal total
+        if isinstance(module, CompressedLayer):
+            total += module.macs(output)
+        else:  # float layer: every output element costs fan_in (per group) MACs
+            total += output.numel() * (module.weight.numel() // module.weight.shape[0])
+
+    layers = [m for m in model.modules() if isinstance(m, (*_FLOAT_LAYERS, CompressedLayer))]
+    handles = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            forward(model.eval(), inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def latency(model: nn.Module, inputs: Inputs, repeats: int = 30, warmup: int = 5) -> float:
+    """Median wall-clock seconds of one forward pass on `inputs` (after warm-up), CPU."""
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            forward(model, inputs)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)

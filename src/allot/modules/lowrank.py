@@ -1,0 +1,67 @@
+"""Low-rank layer: the weight as a product of two float32 factors, run as two smaller operations.
+
+With the weight folded to 2-D, W ~= U V where U is (out, rank) and V is (rank, fan_in). The layer
+runs V as the original operation (same kernel, stride, padding, dilation) producing `rank`
+channels without bias, then U as a pointwise operation (1x1 convolution or Linear) from `rank` to
+`out` channels with the bias. Stored tensors: `u` and `v`, float32 parameters (trainable).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from allot.discover import LayerSpec
+from allot.exceptions import ConfigError
+from allot.modules.base import CompressedLayer, stored_copy
+
+
+class LowRankLayer(CompressedLayer):
+    """A layer whose weight is `u @ v` (folded to 2-D), computed as a rank-channel bottleneck."""
+
+    def __init__(self, spec: LayerSpec, rank: int, bias: Tensor | None = None) -> None:
+        super().__init__(spec, bias)
+        self.rank = rank
+        self.u = nn.Parameter(torch.zeros(spec.out_features, rank))
+        self.v = nn.Parameter(torch.zeros(rank, spec.fan_in))
+        self._first = spec.with_channels(out_features=rank, bias=False)
+        self._second = spec.with_channels(in_features=rank, pointwise=True)
+
+    @classmethod
+    def from_factors(
+        cls, spec: LayerSpec, u: Tensor, v: Tensor, bias: Tensor | None = None
+    ) -> LowRankLayer:
+        """Build from factors `u` (out, rank) and `v` (rank, fan_in) with W ~= u @ v; stored as
+        float32 copies."""
+        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0] or u.shape[1] < 1:
+            raise ConfigError(
+                f"factors must be u (out, rank) and v (rank, fan_in), got {tuple(u.shape)} and "
+                f"{tuple(v.shape)}"
+            )
+        if u.shape[0] != spec.out_features or v.shape[1] != spec.fan_in:
+            raise ConfigError(
+                f"factors {tuple(u.shape)} x {tuple(v.shape)} do not fit a layer with "
+                f"{spec.out_features} outputs and fan_in {spec.fan_in}"
+            )
+        layer = cls(spec, u.shape[1], bias)
+        layer.u = nn.Parameter(stored_copy(u))
+        layer.v = nn.Parameter(stored_copy(v))
+        return layer
+
+    def weight_parameter_count(self) -> int:
+        return self.u.numel() + self.v.numel()
+
+    def macs(self, output: Tensor) -> int:
+        """Both factors: `rank * fan_in` then `out * rank` MACs per output position."""
+        positions = output.numel() // self.spec.out_features
+        return positions * self.rank * (self.spec.fan_in + self.spec.out_features)
+
+    def reconstruct(self) -> Tensor:
+        return (self.u @ self.v).view(self.spec.weight_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self._first.forward(x, self.v.view(self._first.weight_shape), None)
+        return self._second.forward(h, self.u.view(self._second.weight_shape), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}"

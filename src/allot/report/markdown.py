@@ -1,0 +1,83 @@
+"""The markdown report written next to an artifact: summary, per-layer plan, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from allot.io import atomic_write
+from allot.plan import Plan
+from allot.report.plots import allocation_plot, damage_plot
+
+REPORT = "report.md"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: Path) -> Path:
+    """Write `report.md` and its plots into `directory`; `evaluation` maps a model label ("float",
+    "compressed") to its metrics and sizes. Returns the report's path."""
+    directory = Path(directory)
+    lines = [
+        f"# allot report: {plan.model}",
+        "",
+        f"Method **{plan.method}** (error model `{plan.error_model}`, allocator "
+        f"`{plan.metadata.get('allocator', '?')}`), budget {plan.budget.describe()}.",
+        f"Compressible weights: {plan.n_weights:,}, stored in {plan.weight_bits:,} bits "
+        f"({plan.weight_bits / plan.n_weights:.3f} bits/weight, ratio {plan.ratio:.2f}x).",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    keys = list(dict.fromkeys(k for metrics in evaluation.values() for k in metrics))
+    lines += _table(
+        ["model", *keys],
+        [[label, *(m.get(k, "") for k in keys)] for label, m in evaluation.items()],
+    )
+    lines += ["", "## Per-layer plan", ""]
+    lines += _table(
+        ["layer", "kind", "weight shape", "scheme", "bits/weight", "cost (bits)", "damage"],
+        [
+            [
+                layer.name,
+                layer.spec.kind,
+                "x".join(map(str, layer.spec.weight_shape)),
+                layer.scheme.label(),
+                round(layer.cost_bits / layer.spec.numel, 3),
+                layer.cost_bits,
+                "" if layer.damage is None else float(layer.damage),
+            ]
+            for layer in plan.layers
+        ],
+    )
+    if plan.folded:
+        lines += ["", "BatchNorm folded into: " + ", ".join(f"{c} <- {b}" for c, b in plan.folded)]
+    if plan.skipped:
+        lines += ["", "## Kept in float", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in plan.skipped.items()]
+    for note in plan.metadata.get("notes", []):
+        lines += ["", f"Note: {note}"]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        f"![allocation]({allocation_plot(plan, directory / 'allocation.png').name})",
+    ]
+    damage = damage_plot(plan, directory / "damage.png")
+    if damage is not None:
+        lines += ["", f"![damage]({damage.name})"]
+    path = directory / REPORT
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
+    return path

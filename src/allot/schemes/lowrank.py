@@ -1,0 +1,69 @@
+"""LowRank: truncated SVD of the folded weight, stored as two float32 factors.
+
+Storage of a layer in bits: 32 * rank * (out + fan_in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from allot.discover import LayerSpec, fold_weight_2d
+from allot.exceptions import ConfigError
+from allot.modules.base import check_layer_tensors
+from allot.modules.lowrank import LowRankLayer
+from allot.schemes.base import Scheme, check_int_field, register_scheme
+from allot.stats import LayerStats
+
+
+def svd_factors(weight_2d: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-`rank` factors in Frobenius norm (Eckart-Young): U_r sqrt(S_r) of shape
+    (out, rank) and sqrt(S_r) V_r' of shape (rank, fan_in), float32, computed in float64."""
+    u, s, vh = torch.linalg.svd(weight_2d.detach().to(torch.float64), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(torch.float32), (root[:, None] * vh[:rank]).to(torch.float32)
+
+
+@register_scheme
+@dataclasses.dataclass(frozen=True)
+class LowRank(Scheme):
+    """Rank-`rank` factorisation W ~= U V run as a bottleneck of `rank` channels; `rank:8`."""
+
+    kind: ClassVar[str] = "rank"
+    rank: int
+
+    def __post_init__(self) -> None:
+        check_int_field("LowRank", "rank", self.rank, 1)
+
+    def check(self, spec: LayerSpec) -> None:
+        full = min(spec.out_features, spec.fan_in)
+        if self.rank > full:
+            raise ConfigError(
+                f"LowRank.rank={self.rank} exceeds the layer's full rank {full} "
+                f"(min of out={spec.out_features} and fan_in={spec.fan_in}); use 1..{full}"
+            )
+
+    def storage_bits(self, spec: LayerSpec) -> int:
+        self.check(spec)
+        return 32 * self.rank * (spec.out_features + spec.fan_in)
+
+    def compress(
+        self, weight: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats | None = None
+    ) -> LowRankLayer:
+        check_layer_tensors(spec, weight, bias)
+        self.check(spec)
+        u, v = svd_factors(fold_weight_2d(weight), self.rank)
+        return LowRankLayer.from_factors(spec, u, v, bias)
+
+    def empty(self, spec: LayerSpec) -> LowRankLayer:
+        self.check(spec)
+        return LowRankLayer(spec, self.rank)
+
+    @classmethod
+    def parse_args(cls, args: list[str]) -> LowRank:
+        if len(args) != 1:
+            raise ValueError("expected rank:RANK, e.g. rank:8")
+        return cls(int(args[0]))

@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny registered zoo models and their data, float64 helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from allot.zoo import create_model, get_dataset
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return get_dataset("digits", calibration_size=128, seed=0)
+
+
+@pytest.fixture
+def test_cnn():
+    return create_model("test-cnn")

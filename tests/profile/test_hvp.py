@@ -1,0 +1,186 @@
+"""Gradient and Hessian-vector products against torch.autograd on the full-data loss (float64)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from allot.exceptions import ConfigError, DataError
+from allot.profile.hvp import Curvature
+
+# name -> (model factory, input shape of one sample, profiled layers)
+MODELS = {
+    "mlp": (
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 4)),
+        (5,),
+        ["0", "3"],
+    ),
+    "conv1d": (
+        lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)),
+        (2, 6),
+        ["0", "3"],
+    ),
+    "conv2d": (
+        lambda: nn.Sequential(nn.Conv2d(2, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)),
+        (2, 4, 4),
+        ["0", "3"],
+    ),
+}
+
+
+def setup(kind: str) -> tuple[nn.Module, list[str], list[tuple[Tensor, Tensor]]]:
+    """A float64 model, its profiled layers, and three batches of different sizes."""
+    factory, sample_shape, names = MODELS[kind]
+    model = factory().double()
+    classes = model[-1].out_features
+    batches = [
+        (torch.randn(n, *sample_shape, dtype=torch.float64), torch.randint(0, classes, (n,)))
+        for n in (4, 3, 5)
+    ]
+    return model, names, batches
+
+
+def exact(model: nn.Module, names: list[str], batches: list) -> tuple[Tensor, Tensor]:
+    """Gradient and Hessian of the loss on all samples at once w.r.t. the concatenated weights."""
+    shapes = [model.get_submodule(name).weight.shape for name in names]
+    inputs = torch.cat([x for x, _ in batches])
+    targets = torch.cat([y for _, y in batches])
+
+    def loss(flat: Tensor) -> Tensor:
+        chunks = flat.split([math.prod(shape) for shape in shapes])
+        params = {
+            f"{name}.weight": chunk.view(shape)
+            for name, chunk, shape in zip(names, chunks, shapes, strict=True)
+        }
+        return F.cross_entropy(functional_call(model, params, (inputs,)), targets)
+
+    flat = torch.cat([model.get_submodule(name).weight.detach().flatten() for name in names])
+    training = model.training
+    model.eval()
+    gradient = torch.func.grad(loss)(flat)
+    hessian = torch.autograd.functional.hessian(loss, flat)
+    model.train(training)
+    return gradient.detach(), hessian.detach()
+
+
+def flatten(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def rel_error(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def blocks(model: nn.Module, names: list[str]) -> list[slice]:
+    """Slices of each layer's weights in the concatenated vector."""
+    out, start = [], 0
+    for name in names:
+        size = model.get_submodule(name).weight.numel()
+        out.append(slice(start, start + size))
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_gradient_equals_autograd_on_the_full_data_loss(kind: str) -> None:
+    model, names, batches = setup(kind)
+    gradient, _ = exact(model, names, batches)
+    curvature = Curvature(model, names, batches, F.cross_entropy)
+    assert rel_error(flatten(list(curvature.gradient().values())), gradient) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_full_hvp_equals_the_exact_hessian_times_v(kind: str) -> None:
+    model, names, batches = setup(kind)
+    _, hessian = exact(model, names, batches)
+    curvature = Curvature(model, names, batches, F.cross_entropy)
+    vectors = {name: torch.randn_like(model.get_submodule(name).weight) for name in names}
+    hv = curvature.hvp(vectors)
+    assert list(hv) == names
+    assert rel_error(flatten(list(hv.values())), hessian @ flatten(list(vectors.values()))) <= 1e-6
+
+
+def test_layers_absent_from_the_vectors_count_as_zero() -> None:
+    model, names, batches = setup("mlp")
+    _, hessian = exact(model, names, batches)
+    first, second = blocks(model, names)
+    v = torch.randn_like(model.get_submodule(names[1]).weight)
+    hv = Curvature(model, names, batches, F.cross_entropy).hvp({names[1]: v})
+    # Rows of the first layer hold the cross-layer block H_12 v, which is not zero.
+    assert rel_error(hv[names[0]].flatten(), hessian[first, second] @ v.flatten()) <= 1e-6
+    assert rel_error(hv[names[1]].flatten(), hessian[second, second] @ v.flatten()) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_layer_hvp_equals_the_exact_hessian_block_times_v(kind: str) -> None:
+    model, names, batches = setup(kind)
+    _, hessian = exact(model, names, batches)
+    curvature = Curvature(model, names, batches, F.cross_entropy)
+    for name, block in zip(names, blocks(model, names), strict=True):
+        v = torch.randn_like(model.get_submodule(name).weight)
+        expected = hessian[block, block] @ v.flatten()
+        assert rel_error(curvature.layer_hvp(name, v).flatten(), expected) <= 1e-6
+
+
+def test_layer_hvps_equal_repeated_layer_hvp_and_cost_less() -> None:
+    model, names, batches = setup("conv2d")
+    curvature = Curvature(model, names, batches, F.cross_entropy)
+    vs = [torch.randn_like(model.get_submodule("0").weight) for _ in range(3)]
+    together = curvature.layer_hvps("0", vs)
+    assert curvature.passes.fb_equivalents == 1 + 3
+    one_by_one = [curvature.layer_hvp("0", v) for v in vs]
+    assert curvature.passes.fb_equivalents == 4 + 3 * 2
+    for a, b in zip(together, one_by_one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_passes_count_sweeps_over_the_calibration_set() -> None:
+    model, names, batches = setup("mlp")
+    curvature = Curvature(model, names, batches, F.cross_entropy)
+    curvature.gradient()
+    curvature.gradient()  # cached: no more work
+    assert (curvature.passes.gradient_sweeps, curvature.passes.second_backward_sweeps) == (1, 0)
+    curvature.hvp({"0": torch.ones(6, 5, dtype=torch.float64)})
+    assert (curvature.passes.gradient_sweeps, curvature.passes.second_backward_sweeps) == (2, 1)
+    assert curvature.passes.fb_equivalents == 3
+
+
+def test_the_model_is_left_as_it_was() -> None:
+    model, names, batches = setup("mlp")
+    _, hessian = exact(model, names, batches)
+    model.train()
+    model[3].bias.requires_grad_(False)
+    model[1].eval()  # mixed training flags must survive too
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    flags = {key: p.requires_grad for key, p in model.named_parameters()}
+    modes = {key: m.training for key, m in model.named_modules()}
+    curvature = Curvature(model, names, batches, F.cross_entropy)
+    v = {name: torch.randn_like(model.get_submodule(name).weight) for name in names}
+    with torch.no_grad():  # the caller's grad mode does not matter
+        hv = curvature.hvp(v)
+        curvature.gradient()
+        curvature.layer_hvps("0", [v["0"]])
+    # Dropout was off during profiling although the model is in training mode.
+    assert rel_error(flatten(list(hv.values())), hessian @ flatten(list(v.values()))) <= 1e-6
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert {key: p.requires_grad for key, p in model.named_parameters()} == flags
+    assert {key: m.training for key, m in model.named_modules()} == modes
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.is_grad_enabled()
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    model, names, batches = setup("mlp")
+    with pytest.raises(DataError):
+        Curvature(model, names, [], F.cross_entropy)
+    with pytest.raises(ConfigError, match="not a module"):
+        Curvature(model, ["9"], batches, F.cross_entropy)
+    curvature = Curvature(model, names, batches, F.cross_entropy)
+    with pytest.raises(ConfigError, match="not profiled"):
+        curvature.layer_hvp("1", torch.zeros(6, 5, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="does not fit"):
+        curvature.layer_hvp("0", torch.zeros(5, 6, dtype=torch.float64))

@@ -1,0 +1,44 @@
+"""Layer cases for the scheme tests: every layer kind, odd fan-ins, stride/padding/dilation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+from allot.discover import LayerSpec
+
+# Group size 4 divides every fan-in here (20, 32, 12, 36, 12); only 32 is a multiple of 8.
+SPECS = {
+    "linear": LayerSpec("linear", 6, 20),
+    "linear-nobias": LayerSpec("linear", 16, 32, bias=False),
+    "conv1d-strided": LayerSpec("conv1d", 5, 4, (3,), (2,), (1,), (1,)),
+    "conv2d-dilated": LayerSpec("conv2d", 7, 4, (3, 3), (2, 1), (1, 2), (2, 1)),
+    "conv2d-same": LayerSpec("conv2d", 3, 4, (3, 1), (1, 1), "same", (2, 1), bias=False),
+}
+_INPUT_POSITIONS = {"linear": (), "conv1d": (11,), "conv2d": (9, 8)}
+
+
+@dataclass
+class LayerCase:
+    """A layer spec with a float weight, its bias (or None) and an input batch."""
+
+    spec: LayerSpec
+    weight: Tensor
+    bias: Tensor | None
+    x: Tensor
+
+
+def make_case(spec: LayerSpec, seed: int = 0) -> LayerCase:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(spec.weight_shape, generator=g) / spec.fan_in**0.5
+    bias = torch.randn(spec.out_features, generator=g) if spec.bias else None
+    x = torch.randn(3, spec.in_features, *_INPUT_POSITIONS[spec.kind], generator=g)
+    return LayerCase(spec, weight, bias, x)
+
+
+@pytest.fixture(params=list(SPECS.values()), ids=list(SPECS))
+def layer(request: pytest.FixtureRequest) -> LayerCase:
+    return make_case(request.param)

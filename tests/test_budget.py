@@ -1,0 +1,38 @@
+import pytest
+
+from allot.budget import Budget, weight_bits_limit
+from allot.exceptions import BudgetError
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "message"),
+    [
+        ("ratio", 0.5, ">= 1"),
+        ("ratio", -2, "positive"),
+        ("avg_bits", 40, "at most 32"),
+        ("bits", 3.5, "whole"),
+        ("lossless", 2, "no value"),
+        ("size", 1, "unknown budget"),
+        ("bytes", "many", "positive"),
+    ],
+)
+def test_invalid_budgets_are_refused(kind: str, value, message: str) -> None:
+    with pytest.raises(BudgetError, match=message):
+        Budget(kind, value)
+
+
+def test_limits_in_weight_bits() -> None:
+    n, other = 1000, 800
+    assert weight_bits_limit(Budget("ratio", 8), n, other, None) == 4000
+    assert weight_bits_limit(Budget("avg_bits", 3), n, other, None) == 3000
+    assert weight_bits_limit(Budget("bytes", 600), n, other, None) == 600 * 8 - 800
+    assert weight_bits_limit(Budget("bits", 4), n, other, 4321) == 4321
+    with pytest.raises(BudgetError, match="stay float"):
+        weight_bits_limit(Budget("bytes", 50), n, other, None)
+
+
+def test_json_round_trip() -> None:
+    for budget in (Budget("ratio", 11.0), Budget("lossless")):
+        assert Budget.from_json(budget.to_json()) == budget
+    with pytest.raises(BudgetError):
+        Budget.from_json({"kind": "ratio"})

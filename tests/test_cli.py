@@ -1,0 +1,133 @@
+import json
+
+import pytest
+
+from allot.cli import main
+from allot.io import PLAN, WEIGHTS
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["--no-progress", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compress_prints_float_then_compressed_and_writes_artifact(tmp_path, capsys) -> None:
+    out = tmp_path / "art"
+    code, stdout, _ = _run(
+        capsys,
+        "compress",
+        "test-cnn",
+        "--method",
+        "uniform-quant",
+        "--bits",
+        "4",
+        "--out",
+        str(out),
+        "--calibration",
+        "64",
+    )
+    assert code == 0
+    lines = [line for line in stdout.splitlines() if line.startswith("accuracy: ")]
+    assert len(lines) == 2
+    assert 0 < float(lines[1].split()[1]) <= 1
+    assert {PLAN, WEIGHTS, "report.md", "allocation.png", "evaluation.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["compressed"]["bytes"] == (out / WEIGHTS).stat().st_size
+
+    code, stdout, _ = _run(capsys, "evaluate", str(out))
+    assert code == 0 and stdout.count("accuracy: ") == 1 and "ratio: " in stdout
+    code, stdout, _ = _run(capsys, "report", str(out))
+    assert code == 0 and "report.md" in stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["compress", "no-such-model", "--method", "uniform-quant", "--bits", "4"],
+            "unknown zoo model 'no-such-model'",
+        ),
+        (["compress", "test-cnn", "--method", "uniform-quant", "--ratio", "1000"], "out of reach"),
+        (["compress", "test-cnn", "--method", "uniform-quant"], "give a budget"),
+        (["compress", "test-cnn", "--method", "uniform-quant", "--ratio", "0.5"], ">= 1"),
+        (["evaluate", "does-not-exist"], "unknown zoo model"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, args, message) -> None:
+    if args[0] == "compress":
+        args = [*args, "--out", str(tmp_path / "o")]
+    code, _, err = _run(capsys, *args)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_weights_that_do_not_match_the_model(tmp_path, capsys) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    model_file = tmp_path / "net.py"
+    model_file.write_text(
+        "import torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n"
+    )
+    weights = tmp_path / "w.safetensors"
+    save_file({"1.weight": torch.zeros(10, 32), "1.bias": torch.zeros(10)}, weights)
+    code, _, err = _run(
+        capsys,
+        "compress",
+        "--model",
+        f"{model_file}:make",
+        "--weights",
+        str(weights),
+        "--data",
+        "digits",
+        "--method",
+        "uniform-quant",
+        "--bits",
+        "4",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert code == 2 and "do not match the model" in err and "1.weight" in err
+
+
+def test_file_model_compresses_and_reloads(tmp_path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    model_file = tmp_path / "net.py"
+    model_file.write_text(
+        "import torch, torch.nn as nn\n"
+        "def make():\n"
+        "    torch.manual_seed(1)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n"
+    )
+    namespace: dict = {}
+    exec(model_file.read_text(), namespace)
+    weights = tmp_path / "w.safetensors"
+    save_file(namespace["make"]().state_dict(), weights)
+    out = tmp_path / "o"
+    code, stdout, err = _run(
+        capsys,
+        "compress",
+        "--model",
+        f"{model_file}:make",
+        "--weights",
+        str(weights),
+        "--data",
+        "digits",
+        "--method",
+        "output-error-quant",
+        "--avg-bits",
+        "5",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    code, stdout, err = _run(capsys, "evaluate", str(out))
+    assert code == 0, err
+    assert "accuracy: " in stdout

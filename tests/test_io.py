@@ -1,0 +1,87 @@
+import pickle
+
+import pytest
+import torch
+
+from allot import Budget, compress, load, save
+from allot.exceptions import ArtifactError
+from allot.io import PLAN, WEIGHTS, atomic_write
+from allot.zoo import create_model
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, digits):
+    result = compress(
+        create_model("test-cnn"),
+        digits,
+        "uniform-quant",
+        Budget("bits", 4),
+        model_name="test-cnn",
+        progress=False,
+    )
+    directory = save(result.model, result.plan, tmp_path_factory.mktemp("art"))
+    return result, directory
+
+
+def test_reload_gives_identical_outputs_without_the_original_weights(artifact, digits) -> None:
+    result, directory = artifact
+    model, plan = load(
+        directory
+    )  # rebuilt from the zoo architecture, random init, then the artifact
+    x = digits.example_inputs(16)
+    assert torch.equal(model(x), result.model(x))
+    assert plan.dumps() == result.plan.dumps()
+
+
+def test_artifact_file_shrinks_by_the_reported_ratio(artifact) -> None:
+    result, directory = artifact
+    stored = sum(t.numel() * t.element_size() for k, t in result.model.state_dict().items())
+    size = (directory / WEIGHTS).stat().st_size
+    assert stored <= size < stored + 16_384  # the rest is the safetensors header
+    assert result.plan.weight_bits // 8 <= stored
+
+
+def test_corrupt_or_truncated_weights_are_detected(artifact, tmp_path) -> None:
+    _result, directory = artifact
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / PLAN).write_bytes((directory / PLAN).read_bytes())
+    (broken / WEIGHTS).write_bytes((directory / WEIGHTS).read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match="truncated, corrupt or replaced"):
+        load(broken)
+    (broken / WEIGHTS).unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load(broken)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load(tmp_path / "nowhere")
+
+
+def test_a_pickle_is_never_unpickled(artifact, tmp_path) -> None:
+    _result, directory = artifact
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / PLAN).write_bytes((directory / PLAN).read_bytes())
+    (evil / WEIGHTS).write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ArtifactError):
+        load(evil)
+    assert not marker.exists()
+
+
+def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "f.txt"
+    atomic_write(target, b"old")
+
+    def fail(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", fail)
+    with pytest.raises(OSError):
+        atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]

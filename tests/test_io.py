@@ -6,7 +6,7 @@ import torch
 from allot import Budget, compress, load, save
 from allot.exceptions import ArtifactError
 from allot.io import PLAN, WEIGHTS, atomic_write
-from allot.zoo import create_model
+from allot.zoo import create_model, get_dataset
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,24 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch
         atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_resnet20_4_bit_artifact_is_at_most_a_seventh_of_float(tmp_path) -> None:
+    """Acceptance of the foundation: measured bytes on disk, and an exact reload."""
+    from allot.evaluate import file_bytes
+
+    dataset = get_dataset("mnist5k", calibration_size=64)
+    model = create_model("mnist-resnet20")
+    result = compress(
+        model,
+        dataset,
+        "uniform-quant",
+        Budget("bits", 4),
+        progress=False,
+        model_name="mnist-resnet20",
+    )
+    directory = save(result.model, result.plan, tmp_path / "rn20")
+    assert (directory / WEIGHTS).stat().st_size <= file_bytes(model) / 7
+    reloaded, _plan = load(directory)
+    x = dataset.example_inputs(8)
+    assert torch.equal(reloaded(x), result.model(x))

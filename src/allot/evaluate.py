@@ -91,12 +91,23 @@ def macs(model: nn.Module, inputs: Inputs) -> int:
 
 def latency(model: nn.Module, inputs: Inputs, repeats: int = 30, warmup: int = 5) -> float:
     """Median wall-clock seconds of one forward pass on `inputs` (after warm-up), CPU."""
-    model.eval()
-    times = []
+    return latencies([model], inputs, repeats, warmup)[0]
+
+
+def latencies(
+    models: list[nn.Module], inputs: Inputs, repeats: int = 30, warmup: int = 5
+) -> list[float]:
+    """Median seconds per forward pass of each model, timed in interleaved rounds (model 1, model 2,
+    ..., repeat) so that a change in machine load affects all of them alike; use it for ratios."""
+    times: list[list[float]] = [[] for _ in models]
     with torch.no_grad():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            forward(model, inputs)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for model in models:
+            model.eval()
+            for _ in range(warmup):
+                forward(model, inputs)
+        for _ in range(repeats):
+            for model, record in zip(models, times, strict=True):
+                start = time.perf_counter()
+                forward(model, inputs)
+                record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]

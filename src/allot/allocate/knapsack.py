@@ -1,27 +1,29 @@
 """Exact multiple-choice knapsack: one option per layer, least damage under a cost budget or least
 cost under a damage limit, solved as a 0/1 integer program with HiGHS (scipy.optimize.milp).
 
-A MILP solver works to tolerances, so this module makes the answer exact in three ways:
+A MILP solver works to tolerances (about 1e-6, absolute), so this module makes the answer exact:
 
-- the problem it hands HiGHS is well scaled: per layer the smallest value is subtracted, and both
-  the objective and the constraint row are divided by their largest remaining value, so that bit
-  counts of 1e3 or 1e9 look the same to the solver's absolute tolerances;
-- HiGHS runs with no optimality gap and feasibility tolerances of 1e-9 (scipy passes these
-  options through to HiGHS verbatim);
+- before solving, dominated options are removed and, per layer, the smallest value is subtracted
+  (neither changes which choice is best);
+- values that are all whole numbers (bit counts) are divided by their greatest common divisor, so
+  one unit of the problem is at least one bit: HiGHS then knows the objective is integral and
+  proves optimality to the last bit, whether costs are 1e3 or 1e9 bits. Other values (damages)
+  are scaled to at most 1, so choices whose damages differ by less than about 1e-6 of the largest
+  per-layer damage spread count as ties;
+- HiGHS runs with no relative gap and with presolve off: HiGHS's MIP presolve (1.12, in scipy
+  1.17) returned clearly suboptimal answers as optimal on small instances of exactly this problem;
 - the rounded answer is checked against the limit in float64 with the same totals as
   `Options.total`. A choice that breaks the limit by less than the solver's tolerance is cut off
   by a constraint that forbids exactly that choice, and the problem is solved again. An infeasible
   choice is never returned.
 
 Ties are broken by a second solve: of all choices with the least damage, the cheapest (and, for
-`minimize_cost`, of all cheapest choices the least damaging). The result does not depend on
-anything but the input.
+`minimize_cost`, of all cheapest choices the least damaging). The result depends only on the input.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,14 +33,11 @@ from scipy.sparse import csr_array
 from allot.allocate.table import Options, nondominated
 from allot.exceptions import BudgetError
 
-# Options scipy does not know by name; it warns and passes them to HiGHS unchanged.
-_HIGHS_OPTIONS = {
-    "presolve": False,
-    "mip_rel_gap": 0.0,
-    "mip_abs_gap": 0.0,
-    "mip_feasibility_tolerance": 1e-9,
-    "primal_feasibility_tolerance": 1e-9,
-}
+# Presolve off: see the module docstring.
+_HIGHS_OPTIONS = {"presolve": False, "mip_rel_gap": 0.0}
+# Whole numbers of more units than this are scaled instead: summed over a few dozen layers,
+# float64 would no longer resolve one unit.
+_MAX_UNITS = 2.0**40
 # Each round cuts off one choice that HiGHS accepted within its tolerance but that breaks the limit.
 _MAX_ROUNDS = 32
 
@@ -86,6 +85,18 @@ def _total(values: Sequence[np.ndarray], choice: Sequence[int]) -> float:
     return math.fsum(float(v[j]) for v, j in zip(values, choice, strict=True))
 
 
+def _unit(values: np.ndarray) -> float:
+    """The unit HiGHS sees ``values`` (>= 0, not all 0) in: their greatest common divisor if they
+    are whole numbers and at most 2**40 such units, otherwise their largest value."""
+    largest = float(values.max())
+    # 2**53: whole numbers up to here are exact in float64 and in int64.
+    if largest <= 2**53 and np.all(values == np.round(values)):
+        unit = float(np.gcd.reduce(values.astype(np.int64)))
+        if largest / unit <= _MAX_UNITS:
+            return unit
+    return largest
+
+
 def _lexicographic(
     objective: Sequence[np.ndarray], constrained: Sequence[np.ndarray], limit: float
 ) -> list[int]:
@@ -118,8 +129,7 @@ def _solve(
     """
     floor = [float(values.min()) for values in constrained]
     # Drop options that break the limit even with every other layer at its smallest value. The
-    # test uses the exact totals, so no option of a feasible choice is dropped; it shrinks the
-    # problem and keeps the constraint row scaled to the room the limit leaves.
+    # test uses the exact totals, so no option of a feasible choice is dropped.
     kept = []
     for i, values in enumerate(constrained):
         others = floor[:i] + floor[i + 1 :]
@@ -134,12 +144,13 @@ def _solve(
     counts = [ix.size for ix in kept]
     start = np.concatenate(([0], np.cumsum(counts)))
     num_layers, num_vars = len(kept), int(start[-1])
-    # Shifted per layer (a constant per layer changes no decision) and scaled to at most 1.
+    # Shifted per layer: a constant per layer changes no decision.
     c = np.concatenate([o[ix] - o[ix].min() for o, ix in zip(objective, kept, strict=True)])
     a = np.concatenate([k[ix] - k[ix].min() for k, ix in zip(constrained, kept, strict=True)])
-    rhs = (limit - math.fsum(floor)) / a.max()
-    c /= c.max()
-    a /= a.max()
+    c_unit, a_unit = _unit(c), _unit(a)
+    rhs = (limit - math.fsum(floor)) / a_unit
+    c /= c_unit
+    a /= a_unit
 
     layer_of = np.repeat(np.arange(num_layers), counts)
     one_each = csr_array((np.ones(num_vars), (layer_of, np.arange(num_vars))))
@@ -156,15 +167,13 @@ def _solve(
             rows_now = [*rows, LinearConstraint(cuts, -np.inf, num_layers - 1)]
         else:
             rows_now = rows
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
-            result = milp(
-                c,
-                integrality=np.ones(num_vars),
-                bounds=Bounds(0, 1),
-                constraints=rows_now,
-                options=_HIGHS_OPTIONS,
-            )
+        result = milp(
+            c,
+            integrality=np.ones(num_vars),
+            bounds=Bounds(0, 1),
+            constraints=rows_now,
+            options=_HIGHS_OPTIONS,
+        )
         if result.status != 0:
             return None
         local = [int(np.argmax(result.x[start[i] : start[i + 1]])) for i in range(num_layers)]

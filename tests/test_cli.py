@@ -1,9 +1,13 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from allot import apply, load
 from allot.cli import main
 from allot.io import PLAN, WEIGHTS
+from allot.source import float_model
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:
@@ -65,69 +69,50 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, args, message) ->
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_weights_that_do_not_match_the_model(tmp_path, capsys) -> None:
-    import torch
-    from safetensors.torch import save_file
+USER_MODEL = (
+    "import torch, torch.nn as nn\n"
+    "def make():\n"
+    "    torch.manual_seed(1)\n"
+    "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n"
+)
 
+
+def _user_model(tmp_path, state=None) -> tuple[str, str]:
+    """A model file outside the zoo and a weights file (its own initial weights by default)."""
     model_file = tmp_path / "net.py"
-    model_file.write_text(
-        "import torch.nn as nn\n"
-        "def make():\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n"
-    )
+    model_file.write_text(USER_MODEL)
+    namespace: dict = {}
+    exec(USER_MODEL, namespace)
     weights = tmp_path / "w.safetensors"
-    save_file({"1.weight": torch.zeros(10, 32), "1.bias": torch.zeros(10)}, weights)
-    code, _, err = _run(
-        capsys,
-        "compress",
-        "--model",
-        f"{model_file}:make",
-        "--weights",
-        str(weights),
-        "--data",
-        "digits",
-        "--method",
-        "uniform-quant",
-        "--bits",
-        "4",
-        "--out",
-        str(tmp_path / "o"),
+    save_file(state if state is not None else namespace["make"]().state_dict(), weights)
+    return f"{model_file}:make", str(weights)
+
+
+def _compress_user_model(capsys, tmp_path, reference: str, weights: str, *budget: str):
+    args = ["compress", "--model", reference, "--weights", weights, "--data", "digits"]
+    return _run(
+        capsys, *args, "--method", "output-error-quant", *budget, "--out", str(tmp_path / "o")
     )
+
+
+def test_weights_that_do_not_match_the_model(tmp_path, capsys) -> None:
+    wrong = {"1.weight": torch.zeros(10, 32), "1.bias": torch.zeros(10)}
+    reference, weights = _user_model(tmp_path, wrong)
+    code, _, err = _compress_user_model(capsys, tmp_path, reference, weights, "--bits", "4")
     assert code == 2 and "do not match the model" in err and "1.weight" in err
 
 
 def test_file_model_compresses_and_reloads(tmp_path, capsys) -> None:
-    from safetensors.torch import save_file
-
-    model_file = tmp_path / "net.py"
-    model_file.write_text(
-        "import torch, torch.nn as nn\n"
-        "def make():\n"
-        "    torch.manual_seed(1)\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n"
-    )
-    namespace: dict = {}
-    exec(model_file.read_text(), namespace)
-    weights = tmp_path / "w.safetensors"
-    save_file(namespace["make"]().state_dict(), weights)
-    out = tmp_path / "o"
-    code, stdout, err = _run(
-        capsys,
-        "compress",
-        "--model",
-        f"{model_file}:make",
-        "--weights",
-        str(weights),
-        "--data",
-        "digits",
-        "--method",
-        "output-error-quant",
-        "--avg-bits",
-        "5",
-        "--out",
-        str(out),
-    )
+    reference, weights = _user_model(tmp_path)
+    code, _, err = _compress_user_model(capsys, tmp_path, reference, weights, "--avg-bits", "5")
     assert code == 0, err
-    code, stdout, err = _run(capsys, "evaluate", str(out))
+    code, stdout, err = _run(capsys, "evaluate", str(tmp_path / "o"))
     assert code == 0, err
     assert "accuracy: " in stdout
+    model, plan = load(tmp_path / "o")  # rebuilt through the file factory recorded in the plan
+    assert plan.model == reference
+    expected = apply(
+        float_model(reference, weights), plan
+    )  # the plan re-applied to the float model
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(model(x), expected(x))

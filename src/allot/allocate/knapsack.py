@@ -23,8 +23,11 @@ Ties are broken by a second solve: of all choices with the least damage, the che
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -40,6 +43,26 @@ _HIGHS_OPTIONS = {"presolve": False, "mip_rel_gap": 0.0}
 _MAX_UNITS = 2.0**40
 # Each round cuts off one choice that HiGHS accepted within its tolerance but that breaks the limit.
 _MAX_ROUNDS = 32
+
+
+@contextlib.contextmanager
+def _silent_stdout() -> Iterator[None]:
+    """Silence C-level stdout: HiGHS 1.12 prints a stray debug line from its MIP solver
+    (`HighsMipSolverData::transformNewIntegerFeasibleSolution`) straight to file descriptor 1."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced (pytest capture, notebooks)
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 def minimize_damage(options: Options, max_cost: float) -> list[int]:
@@ -167,13 +190,14 @@ def _solve(
             rows_now = [*rows, LinearConstraint(cuts, -np.inf, num_layers - 1)]
         else:
             rows_now = rows
-        result = milp(
-            c,
-            integrality=np.ones(num_vars),
-            bounds=Bounds(0, 1),
-            constraints=rows_now,
-            options=_HIGHS_OPTIONS,
-        )
+        with _silent_stdout():
+            result = milp(
+                c,
+                integrality=np.ones(num_vars),
+                bounds=Bounds(0, 1),
+                constraints=rows_now,
+                options=_HIGHS_OPTIONS,
+            )
         if result.status != 0:
             return None
         local = [int(np.argmax(result.x[start[i] : start[i + 1]])) for i in range(num_layers)]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from allot.exceptions import ConfigError
-from allot.profile.hutchinson import hutchinson
+from allot.profile.hutchinson import hutchinson, hutchinson_blocks
 from allot.profile.hvp import Curvature
 
 
@@ -90,3 +90,142 @@ def test_trace_of_a_layer_hessian_through_hvps() -> None:
 def test_bad_settings_are_rejected(probes_min: int, probes_max: int, rel_tol: float) -> None:
     with pytest.raises(ConfigError):
         hutchinson(lambda z: z, (3,), probes_min, probes_max, rel_tol)
+
+
+BLOCKS = {"a": (2, 3), "b": (4,), "c": (2, 2, 2)}
+
+
+def coupled(seed: int) -> Tensor:
+    """A symmetric matrix over the blocks of BLOCKS whose off-diagonal blocks are three times as
+    strong as the diagonal ones, shifted to keep every block's trace well away from zero."""
+    n = sum(torch.Size(shape).numel() for shape in BLOCKS.values())
+    r = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    within = torch.block_diag(
+        *(torch.ones(torch.Size(s).numel(), torch.Size(s).numel()) for s in BLOCKS.values())
+    )
+    scale = within + 3 * (1 - within.double())
+    return (r + r.T) * scale + n * torch.eye(n, dtype=torch.float64)
+
+
+def block_matvec(a: Tensor, shapes: dict[str, tuple[int, ...]]):
+    sizes = [torch.Size(shape).numel() for shape in shapes.values()]
+
+    def matvec(z: dict[str, Tensor]) -> dict[str, Tensor]:
+        product = a @ torch.cat([z[name].flatten() for name in shapes])
+        parts = product.split(sizes)
+        return {name: p.view(shape) for (name, shape), p in zip(shapes.items(), parts, strict=True)}
+
+    return matvec
+
+
+def block_slices(shapes: dict[str, tuple[int, ...]]) -> dict[str, slice]:
+    slices, start = {}, 0
+    for name, shape in shapes.items():
+        size = torch.Size(shape).numel()
+        slices[name] = slice(start, start + size)
+        start += size
+    return slices
+
+
+def test_coupled_blocks_have_unbiased_traces_and_diagonals() -> None:
+    a = coupled(seed=4)
+    slices = block_slices(BLOCKS)
+    off_diagonal = a - torch.diag(a.diagonal())
+    for rows in slices.values():  # most of every row's off-diagonal weight couples other blocks
+        assert off_diagonal[rows].norm() ** 2 > 10 * off_diagonal[rows, rows].norm() ** 2
+    estimates = hutchinson_blocks(
+        block_matvec(a, BLOCKS), BLOCKS, 2000, 2000, 0.0, torch.Generator().manual_seed(0)
+    )
+    assert list(estimates) == list(BLOCKS)
+    for name, shape in BLOCKS.items():
+        block = a[slices[name], slices[name]]
+        estimate = estimates[name]
+        assert estimate.probes == 2000 and not estimate.converged
+        assert estimate.diagonal.shape == shape
+        assert abs(estimate.trace - float(block.trace())) <= 3 * estimate.trace_stderr
+        diagonal = block.diagonal().view(shape)
+        assert ((estimate.diagonal - diagonal).abs() <= 4.5 * estimate.diagonal_stderr).all()
+        # The spread of z_j (A z)_j comes from the whole row of A, other blocks included.
+        rows = a[slices[name]]
+        row_spread = (rows.pow(2).sum(1) - rows[:, slices[name]].diagonal().pow(2)).sqrt()
+        torch.testing.assert_close(
+            estimate.diagonal_stderr, row_spread.view(shape) / 2000**0.5, rtol=0.1, atol=0
+        )
+
+
+def test_blocks_use_independent_probes_in_key_order() -> None:
+    a = coupled(seed=5)
+    estimates = hutchinson_blocks(
+        block_matvec(a, BLOCKS), BLOCKS, 40, 40, 0.0, torch.Generator().manual_seed(3)
+    )
+    generator = torch.Generator().manual_seed(3)
+    draws = [
+        {
+            n: torch.randint(0, 2, s, generator=generator, dtype=torch.float64) * 2 - 1
+            for n, s in BLOCKS.items()
+        }
+        for _ in range(40)
+    ]
+    products = [block_matvec(a, BLOCKS)(z) for z in draws]
+    for name in BLOCKS:
+        samples = torch.stack([z[name] * p[name] for z, p in zip(draws, products, strict=True)])
+        traces = samples.flatten(1).sum(1)
+        assert estimates[name].trace == pytest.approx(float(traces.mean()), rel=1e-12)
+        assert estimates[name].trace_stderr == pytest.approx(
+            float(traces.std() / 40**0.5), rel=1e-9
+        )
+        torch.testing.assert_close(
+            estimates[name].diagonal, samples.mean(0), rtol=1e-12, atol=1e-12
+        )
+
+
+def test_the_stopping_rule_waits_for_the_slowest_block() -> None:
+    shapes = {"exact": (3, 4), "noisy": (20,)}
+    d = torch.linspace(1, 3, 12, dtype=torch.float64).view(3, 4)
+    a = symmetric(20, seed=6)
+
+    def matvec(z: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"exact": d * z["exact"], "noisy": a @ z["noisy"]}
+
+    slow = hutchinson_blocks(matvec, shapes, 3, 1000, 0.005, torch.Generator().manual_seed(0))
+    assert 3 < slow["noisy"].probes < 1000  # the exact block alone would stop at 3
+    assert slow["exact"].probes == slow["noisy"].probes
+    assert slow["exact"].converged and slow["noisy"].converged
+    assert slow["noisy"].trace_stderr <= 0.005 * abs(slow["noisy"].trace)
+
+    cut = hutchinson_blocks(matvec, shapes, 3, 5, 0.005, torch.Generator().manual_seed(0))
+    assert cut["exact"].probes == cut["noisy"].probes == 5
+    assert cut["exact"].converged and not cut["noisy"].converged
+    assert cut["exact"].trace == pytest.approx(float(d.sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize(("probes_min", "rel_tol"), [(5, 0.02), (50, 0.0)])
+def test_one_block_gives_the_single_operator_estimate(probes_min: int, rel_tol: float) -> None:
+    a = symmetric(10, seed=3)
+    single = hutchinson(
+        matrix_matvec(a, (2, 5)), (2, 5), probes_min, 50, rel_tol, torch.Generator().manual_seed(7)
+    )
+    blocks = hutchinson_blocks(
+        lambda z: {"w": matrix_matvec(a, (2, 5))(z["w"])},
+        {"w": (2, 5)},
+        probes_min,
+        50,
+        rel_tol,
+        torch.Generator().manual_seed(7),
+    )
+    block = blocks["w"]
+    assert (block.trace, block.trace_stderr, block.probes, block.converged) == (
+        single.trace,
+        single.trace_stderr,
+        single.probes,
+        single.converged,
+    )
+    assert torch.equal(block.diagonal, single.diagonal)
+    assert torch.equal(block.diagonal_stderr, single.diagonal_stderr)
+
+
+def test_blocks_reject_no_blocks_and_missing_products() -> None:
+    with pytest.raises(ConfigError, match="no blocks"):
+        hutchinson_blocks(lambda z: z, {})
+    with pytest.raises(ConfigError, match="'b'"):
+        hutchinson_blocks(lambda z: {"a": z["a"]}, {"a": (2,), "b": (3,)})

@@ -4,7 +4,8 @@ For a Linear layer, x is one input row (all leading dimensions are flattened, so
 tokens each count as one sample, padding tokens included). For a convolution, x is one unfolded input
 patch (in_channels x kernel volume, the same order as the folded weight), one per output position,
 so |dW x|^2 summed over patches is exactly the squared output error of the layer. Accumulated in
-float64; additive over batches (and so over processes).
+float64; additive over batches (and so over processes). `damped_cholesky` factors the mean second
+moment, damped until it is positive definite.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from allot.discover import Layer, LayerSpec
+from allot.exceptions import ConfigError, DataError
 from allot.progress import progress_bar
 from allot.stats import LayerStats
 from allot.zoo.data import Batch, forward
@@ -84,3 +86,53 @@ def input_statistics(
         for handle in handles:
             handle.remove()
     return stats
+
+
+def damped_cholesky(
+    stats: LayerStats, damping: float = 1e-2, max_tries: int = 6
+) -> tuple[Tensor, float]:
+    """Lower Cholesky factor L (float64) of M = input_cov / samples + lam I, and the lam used.
+
+    M and lam are in squared input units. The damping starts at lam = `damping` * mean(diag(M)),
+    relative to the mean input second moment. Whenever the factorization fails (without damping, M
+    is only positive semidefinite when inputs are collinear, e.g. a duplicated input feature or
+    fewer samples than fan_in, and rounding can make it slightly indefinite) lam is multiplied by
+    10; when it was 0 (`damping` = 0) the first retry uses 1e-10 * mean(diag(M)), well above float64
+    rounding (about 1e-16 relative) yet negligible next to M. At most `max_tries` factorizations are
+    tried. Raises DataError when the statistics are missing, not finite or all zero, or when the
+    last try still fails.
+    """
+    if not damping >= 0:
+        raise ConfigError(f"damping must be non-negative, got {damping}")
+    if max_tries < 1:
+        raise ConfigError(f"max_tries must be at least 1, got {max_tries}")
+    if stats.input_cov is None or stats.samples == 0:
+        raise DataError(
+            "the layer has no input statistics; collect them with input_statistics over"
+            " calibration data that reaches the layer"
+        )
+    second = stats.input_cov.double() / stats.samples
+    if not bool(torch.isfinite(second).all()):
+        raise DataError(
+            "the layer's input second moment holds NaN or inf; check the calibration data and the"
+            " activations feeding the layer for overflow"
+        )
+    scale = float(second.diagonal().mean())
+    if scale <= 0:
+        raise DataError(
+            f"the layer's mean input second moment is {scale:g}, so there is no scale to damp with:"
+            " its calibration inputs are all zero (or the statistics are not sums of x x');"
+            " check that the calibration data reaches the layer"
+        )
+    identity = torch.eye(second.shape[0], dtype=second.dtype, device=second.device)
+    lam = damping * scale
+    for attempt in range(max_tries):
+        if attempt:
+            lam = lam * 10 if lam > 0 else 1e-10 * scale
+        factor, info = torch.linalg.cholesky_ex(second + lam * identity)
+        if int(info) == 0:
+            return factor, lam
+    raise DataError(
+        f"the layer's input second moment ({second.shape[0]} x {second.shape[0]}) is not positive"
+        f" definite even with damping {lam:g} after {max_tries} tries; raise damping or max_tries"
+    )

@@ -4,6 +4,10 @@ With Rademacher probes z (entries +-1 with equal probability), E[z' A z] = tr(A)
 E[z * (A z)] = diag(A). Probes are drawn one at a time; the standard errors are the sample standard
 deviations over probes divided by sqrt(probes). Drawing stops once the trace's standard error is at
 most `rel_tol` times the trace's magnitude (after at least `probes_min` probes), or at `probes_max`.
+
+The operator may act on several blocks of variables at once (one layer's weights each, say):
+`hutchinson_blocks` estimates every diagonal block A_ii from the same matvecs, and stops once every
+block's trace meets the rule.
 """
 
 from __future__ import annotations
@@ -46,41 +50,95 @@ def hutchinson(
     `rel_tol` is the target standard error of the trace relative to |trace|. Probes come from
     `generator` (CPU), so a seeded generator makes the result deterministic.
     """
+    estimates = hutchinson_blocks(
+        lambda z: {"": matvec(z[""])}, {"": shape}, probes_min, probes_max, rel_tol, generator
+    )
+    return estimates[""]
+
+
+def hutchinson_blocks(
+    matvec: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    shapes: dict[str, Sequence[int]],
+    probes_min: int = 8,
+    probes_max: int = 256,
+    rel_tol: float = 0.05,
+    generator: torch.Generator | None = None,
+) -> dict[str, Estimate]:
+    """Estimate tr(A_ii) and diag(A_ii) of every diagonal block of an operator on several blocks.
+
+    `matvec` takes and returns a dict of tensors, one per block of `shapes` (float64 on the way in);
+    the operator may couple blocks. Each probe draws independent Rademacher entries for every block,
+    in the key order of `shapes`, from `generator` (CPU), and costs one matvec. Because the blocks'
+    probes are independent, z_i'(A z)_i and z_i * (A z)_i are unbiased for tr(A_ii) and diag(A_ii)
+    even when off-diagonal blocks A_ij are not zero; the coupling only adds variance (the entries
+    of A_ij add to the spread of block i's samples, so the standard errors include it).
+
+    Drawing stops once every block's trace standard error is at most `rel_tol` times its |trace|
+    (after at least `probes_min` probes), or at `probes_max`; each block's `converged` says whether
+    that block meets the rule after the last probe. All blocks share the probe count.
+    """
     if probes_min < 2:
         raise ConfigError(f"probes_min must be at least 2 to estimate an error, got {probes_min}")
     if probes_max < probes_min:
         raise ConfigError(f"probes_max ({probes_max}) must be at least probes_min ({probes_min})")
     if rel_tol < 0:
         raise ConfigError(f"rel_tol must be non-negative, got {rel_tol}")
-    shape = tuple(shape)
-    # Welford's running mean and sum of squared deviations: stable when the spread is tiny.
-    trace_mean, trace_m2 = 0.0, 0.0
-    diag_mean = torch.zeros(shape, dtype=torch.float64)
-    diag_m2 = torch.zeros(shape, dtype=torch.float64)
-    converged = False
+    if not shapes:
+        raise ConfigError("no blocks given; name at least one block and its shape")
+    blocks = {name: _Running(tuple(shape)) for name, shape in shapes.items()}
     probes = 0
     while probes < probes_max:
-        z = torch.randint(0, 2, shape, generator=generator, dtype=torch.float64) * 2 - 1
-        sample = z * matvec(z).to(dtype=torch.float64, device="cpu")
+        z = {name: block.probe(generator) for name, block in blocks.items()}
+        products = matvec(z)
         probes += 1
-        trace_sample = float(sample.sum())
-        delta = trace_sample - trace_mean
-        trace_mean += delta / probes
-        trace_m2 += delta * (trace_sample - trace_mean)
-        diag_delta = sample - diag_mean
-        diag_mean += diag_delta / probes
-        diag_m2 += diag_delta * (sample - diag_mean)
-        if probes >= probes_min and _stderr(trace_m2, probes) <= rel_tol * abs(trace_mean):
-            converged = True
+        for name, block in blocks.items():
+            if name not in products:
+                raise ConfigError(f"matvec returned no product for block {name!r}")
+            block.add(z[name] * products[name].to(dtype=torch.float64, device="cpu"), probes)
+        if probes >= probes_min and all(block.met(probes, rel_tol) for block in blocks.values()):
             break
-    return Estimate(
-        trace=trace_mean,
-        trace_stderr=_stderr(trace_m2, probes),
-        diagonal=diag_mean,
-        diagonal_stderr=(diag_m2 / ((probes - 1) * probes)).sqrt(),
-        probes=probes,
-        converged=converged,
-    )
+    return {
+        name: block.estimate(probes, block.met(probes, rel_tol)) for name, block in blocks.items()
+    }
+
+
+class _Running:
+    """One block's running estimates: Welford's mean and sum of squared deviations of the samples
+    z_i * (A z)_i (the diagonal) and of their sums (the trace), stable when the spread is tiny."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.trace_mean, self.trace_m2 = 0.0, 0.0
+        self.diag_mean = torch.zeros(shape, dtype=torch.float64)
+        self.diag_m2 = torch.zeros(shape, dtype=torch.float64)
+
+    def probe(self, generator: torch.Generator | None) -> Tensor:
+        """A Rademacher probe of the block's shape, float64."""
+        return torch.randint(0, 2, self.shape, generator=generator, dtype=torch.float64) * 2 - 1
+
+    def add(self, sample: Tensor, probes: int) -> None:
+        """Fold in one sample z_i * (A z)_i; `probes` counts the samples including this one."""
+        trace_sample = float(sample.sum())
+        delta = trace_sample - self.trace_mean
+        self.trace_mean += delta / probes
+        self.trace_m2 += delta * (trace_sample - self.trace_mean)
+        diag_delta = sample - self.diag_mean
+        self.diag_mean += diag_delta / probes
+        self.diag_m2 += diag_delta * (sample - self.diag_mean)
+
+    def met(self, probes: int, rel_tol: float) -> bool:
+        """Whether the trace's standard error is at most `rel_tol` times its magnitude."""
+        return _stderr(self.trace_m2, probes) <= rel_tol * abs(self.trace_mean)
+
+    def estimate(self, probes: int, converged: bool) -> Estimate:
+        return Estimate(
+            trace=self.trace_mean,
+            trace_stderr=_stderr(self.trace_m2, probes),
+            diagonal=self.diag_mean,
+            diagonal_stderr=(self.diag_m2 / ((probes - 1) * probes)).sqrt(),
+            probes=probes,
+            converged=converged,
+        )
 
 
 def _stderr(m2: float, probes: int) -> float:

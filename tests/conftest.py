@@ -13,6 +13,12 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cache_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Keep the profile cache of CLI runs out of the user's home: one fresh directory per test."""
+    monkeypatch.setenv("ALLOT_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def digits():
     return get_dataset("digits", calibration_size=128, seed=0)

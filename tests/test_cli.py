@@ -116,3 +116,25 @@ def test_file_model_compresses_and_reloads(tmp_path, capsys) -> None:
     )  # the plan re-applied to the float model
     x = torch.rand(3, 1, 8, 8)
     assert torch.equal(model(x), expected(x))
+
+
+def test_analyze_writes_a_sensitivity_report_and_caches_its_profile(tmp_path, capsys) -> None:
+    out = tmp_path / "analysis"
+    args = ["analyze", "test-cnn", "--calibration", "32", "--probes", "8", "--out", str(out)]
+    code, stdout, _ = _run(capsys, *args)
+    assert code == 0
+    assert "forward+backward equivalents" in stdout
+    assert {"analysis.md", "analysis.json", "curvature.png", "sensitivity.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    first = json.loads((out / "analysis.json").read_text())
+    assert first["error_model"] == "second-order"
+    layer = first["layers"][0]
+    assert layer["top_eigenvalue"] >= layer["bottom_eigenvalue"]
+    assert set(layer["candidates"]) >= {"quant4", "keep"}
+    assert layer["candidates"]["keep"][1] == 0.0
+    code, stdout, _ = _run(capsys, *args)
+    assert code == 0
+    assert "0 forward+backward equivalents" in stdout  # everything came from the cache
+    again = json.loads((out / "analysis.json").read_text())
+    assert again["layers"] == first["layers"]

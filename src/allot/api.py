@@ -25,10 +25,10 @@ from allot.exceptions import BudgetError, DataError, ModelError
 from allot.fold import find_conv_bn_pairs, fold_batchnorm
 from allot.methods import Method, get_method
 from allot.plan import LayerPlan, Plan
-from allot.profile.activations import input_statistics
+from allot.profile.cache import Cache
+from allot.profile.engine import Profile, Settings
 from allot.progress import progress_bar
 from allot.schemes import Quant
-from allot.stats import LayerStats
 from allot.zoo.data import Dataset, describe, forward
 
 
@@ -39,7 +39,7 @@ class Result:
     model: nn.Module
     plan: Plan
     table: CandidateTable
-    stats: dict[str, LayerStats]
+    profile: Profile
 
 
 def prepare(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]], Discovery, list[str]]:
@@ -54,6 +54,28 @@ def prepare(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]], Discove
             + (f"; skipped: {discovery.skipped}" if discovery.skipped else "")
         )
     return work, pairs, discovery, [note] if note else []
+
+
+def profile(
+    work: nn.Module,
+    discovery: Discovery,
+    dataset: Dataset,
+    *,
+    settings: Settings | None = None,
+    cache: Cache | None = None,
+    progress: bool = True,
+) -> Profile:
+    """The calibration profile of a prepared (BatchNorm-folded) model's compressible layers under
+    the data set's loss; statistics are computed when first asked for, and cached in `cache`."""
+    return Profile(
+        work,
+        discovery.layers,
+        list(dataset.calibration.batches(dataset.batch_size)),
+        dataset.task.loss,
+        settings=settings,
+        cache=cache,
+        progress=progress,
+    )
 
 
 def _check_data(model: nn.Module, dataset: Dataset) -> None:
@@ -80,20 +102,23 @@ def compress(
     *,
     model_name: str = "custom",
     seed: int = 0,
+    cache: Cache | None = None,
     progress: bool = True,
 ) -> Result:
     """Compress `model` with `method` under `budget`, using `dataset`'s calibration split.
 
     The input model is not modified. Same model, data, method, budget and seed give the same plan.
+    `cache` keeps profile statistics on disk between runs (none by default).
     """
     torch.manual_seed(seed)
     method = get_method(method) if isinstance(method, str) else method
     _check_data(model, dataset)
     work, pairs, discovery, notes = prepare(model)
-    calibration = list(dataset.calibration.batches(dataset.batch_size))
-    stats = input_statistics(work, discovery.layers, calibration, progress)
+    profiled = profile(
+        work, discovery, dataset, settings=Settings(seed=seed), cache=cache, progress=progress
+    )
     table = score_candidates(
-        work, discovery.layers, method.grid, get_error_model(method.error_model), stats, progress
+        work, discovery.layers, method.grid, get_error_model(method.error_model), profiled, progress
     )
 
     def make_plan(choice: list[int]) -> Plan:
@@ -123,7 +148,7 @@ def compress(
     options = table.options()
     if budget.kind == "lossless":
         reference = calibration_loss(work, dataset)
-        plan = _lossless(model, dataset, reference, method, options, make_plan, stats, progress)
+        plan = _lossless(model, dataset, reference, method, options, make_plan, profiled, progress)
     else:
         n_weights = sum(layer.spec.numel for layer in discovery.layers)
         other_bits = state_bits(work) - 32 * n_weights
@@ -140,8 +165,8 @@ def compress(
                 f"is {reach}; relax the budget or choose a method with smaller candidates"
             )
         plan = make_plan(ALLOCATORS[method.allocator](options, limit))
-    compressed = apply(copy.deepcopy(model), plan, stats)
-    return Result(compressed, plan, table, stats)
+    compressed = apply(copy.deepcopy(model), plan, profiled)
+    return Result(compressed, plan, table, profiled)
 
 
 def _lossless(
@@ -151,7 +176,7 @@ def _lossless(
     method: Method,
     options: Options,
     make_plan: Callable[[list[int]], Plan],
-    stats: dict[str, LayerStats],
+    profiled: Profile,
     progress: bool,
 ) -> Plan:
     """The cheapest plan on the method's plan sequence whose measured calibration loss is not above
@@ -160,7 +185,7 @@ def _lossless(
     sequence = uniform_sequence(options) if method.allocator == "uniform" else pareto_sweep(options)
     for choice in progress_bar(sequence, "lossless search", progress):
         plan = make_plan(choice)
-        if calibration_loss(apply(copy.deepcopy(model), plan, stats), dataset) <= reference:
+        if calibration_loss(apply(copy.deepcopy(model), plan, profiled), dataset) <= reference:
             plan.metadata["lossless"] = {"float_calibration_loss": reference}
             return plan
     raise BudgetError("no plan keeps the calibration loss at the float model's; this is a bug")

@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from allot.discover import discover, get_weight
 from allot.fold import fold_batchnorm, fold_structure
 from allot.plan import Plan
-from allot.stats import LayerStats
+
+if TYPE_CHECKING:
+    from allot.profile.engine import Profile
 
 
-def apply(model: nn.Module, plan: Plan, stats: dict[str, LayerStats] | None = None) -> nn.Module:
+def apply(model: nn.Module, plan: Plan, profile: Profile | None = None) -> nn.Module:
     """Compress `model` in place according to `plan` (folding BatchNorm first where planned).
 
-    `PlanError` if the plan does not fit the model. Returns the same model object, in eval mode.
+    `profile` is the folded model's calibration profile, for schemes that fit to data. `PlanError`
+    if the plan does not fit the model. Returns the same model object, in eval mode.
     """
     fold_batchnorm(model.eval(), plan.folded)
     plan.check_fits(discover(model))
     for layer in plan.layers:
         weight, bias = get_weight(model, layer.name)
-        layer_stats = stats.get(layer.name) if stats else None
-        model.set_submodule(
-            layer.name, layer.scheme.compress(weight, bias, layer.spec, layer_stats)
-        )
+        view = profile.layer(layer.name) if profile is not None else None
+        model.set_submodule(layer.name, layer.scheme.compress(weight, bias, layer.spec, view))
     return model
 
 

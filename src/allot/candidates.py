@@ -11,15 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from allot.allocate import Options
-from allot.discover import Layer, LayerSpec, fold_weight_2d, get_weight
+from allot.discover import Layer, LayerSpec, get_weight
 from allot.errors import ErrorModel
 from allot.modules.base import dense_weight
+from allot.profile.engine import Profile
 from allot.progress import progress_bar
 from allot.schemes import Scheme
-from allot.stats import LayerStats
 
 Grid = Callable[[LayerSpec], list[Scheme]]
 
@@ -52,25 +52,36 @@ class CandidateTable:
         return [row[j] for row, j in zip(self.candidates, choice, strict=True)]
 
 
-@torch.no_grad()
 def score_candidates(
     model: nn.Module,
     layers: list[Layer],
     grid: Grid,
     error_model: ErrorModel,
-    stats: dict[str, LayerStats] | None = None,
+    profile: Profile,
     progress: bool = True,
 ) -> CandidateTable:
-    """Fit every grid scheme to every layer and predict its damage with `error_model`."""
-    rows: list[list[Candidate]] = []
-    for layer in progress_bar(layers, "scoring candidates", progress):
-        weight, bias = get_weight(model, layer.name)
-        layer_stats = stats.get(layer.name) if stats else None
-        row = []
-        for scheme in grid(layer.spec):
-            module = scheme.compress(weight, bias, layer.spec, layer_stats)
-            delta = fold_weight_2d(dense_weight(module) - weight)
-            damage = error_model.damage(delta, layer_stats)
-            row.append(Candidate(scheme, scheme.storage_bits(layer.spec), damage))
-        rows.append(row)
+    """Fit every grid scheme to every layer and predict its damage with `error_model`.
+
+    All perturbations go to the error model in one call, so curvature models share their passes.
+    """
+    schemes = [grid(layer.spec) for layer in layers]
+    deltas: dict[str, list[Tensor]] = {}
+    with torch.no_grad():
+        for layer, row in zip(
+            progress_bar(layers, "fitting candidates", progress), schemes, strict=True
+        ):
+            weight, bias = get_weight(model, layer.name)
+            view = profile.layer(layer.name)
+            deltas[layer.name] = [
+                dense_weight(scheme.compress(weight, bias, layer.spec, view)) - weight
+                for scheme in row
+            ]
+    damages = error_model.damages(deltas, profile)
+    rows = [
+        [
+            Candidate(scheme, scheme.storage_bits(layer.spec), damage)
+            for scheme, damage in zip(row, damages[layer.name], strict=True)
+        ]
+        for layer, row in zip(layers, schemes, strict=True)
+    ]
     return CandidateTable(layers, rows, error_model.name)

@@ -18,11 +18,13 @@ from torch import nn
 
 from allot import api
 from allot.budget import Budget
+from allot.errors import ERROR_MODELS
 from allot.evaluate import calibration_loss, file_bytes, latencies, macs, metrics, parameter_count
 from allot.exceptions import AllotError, ArtifactError, DataError
 from allot.io import WEIGHTS, read_plan, save, write_json
 from allot.methods import METHODS
 from allot.plan import Plan
+from allot.profile.cache import Cache, default_directory
 from allot.report.markdown import write_report
 from allot.source import float_model, is_file_reference
 from allot.zoo import MODELS, Dataset, get_dataset, get_entry
@@ -78,6 +80,11 @@ def _print_evaluation(label: str, result: dict[str, Any]) -> None:
         print(f"{key}: {text}")
 
 
+def _cache(args: argparse.Namespace) -> Cache:
+    """The profile cache (`$ALLOT_CACHE` or ~/.cache/allot), or a disabled one with --no-cache."""
+    return Cache(None if args.no_cache else default_directory())
+
+
 def _budget(args: argparse.Namespace) -> Budget:
     if args.lossless:
         return Budget("lossless")
@@ -105,6 +112,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         budget,
         model_name=ref,
         seed=args.seed,
+        cache=_cache(args),
         progress=not args.no_progress,
     )
     if args.weights:
@@ -149,57 +157,48 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from allot.candidates import score_candidates
     from allot.errors import get_error_model
     from allot.methods import get_method
-    from allot.profile.activations import input_statistics
+    from allot.profile.engine import Settings
+    from allot.report.markdown import write_sensitivity
+    from allot.sensitivity import analyze
 
     method = get_method(args.method)
+    get_error_model(args.error_model)
     model = float_model(args.model, args.weights)
     dataset = _dataset(args.model, args.data, args.calibration, args.seed)
     work, _pairs, discovery, _notes = api.prepare(model)
-    calibration = list(dataset.calibration.batches(dataset.batch_size))
-    stats = input_statistics(work, discovery.layers, calibration, not args.no_progress)
-    table = score_candidates(
+    profile = api.profile(
         work,
-        discovery.layers,
-        method.grid,
-        get_error_model(method.error_model),
-        stats,
-        not args.no_progress,
+        discovery,
+        dataset,
+        settings=Settings(probes_max=args.probes, lanczos_iterations=args.lanczos, seed=args.seed),
+        cache=_cache(args),
+        progress=not args.no_progress,
     )
-    rows = [
-        {
-            "layer": layer.name,
-            "weights": layer.spec.numel,
-            "candidates": {
-                c.scheme.label(): {"cost_bits": c.cost_bits, "damage": c.damage} for c in row
-            },
-        }
-        for layer, row in zip(table.layers, table.candidates, strict=True)
-    ]
-    labels = list(dict.fromkeys(label for row in rows for label in row["candidates"]))
-    shown = Table(title=f"{args.model}: predicted damage ({method.error_model} error model)")
-    for column in ("layer", "weights", *labels):
-        shown.add_column(column, justify="right" if column != "layer" else "left")
-    for row in rows:
-        cells = [
-            f"{row['candidates'][lab]['damage']:.3g}" if lab in row["candidates"] else ""
-            for lab in labels
-        ]
-        shown.add_row(row["layer"], f"{row['weights']:,}", *cells)
-    console.print(shown)
-    if args.out:
-        write_json(
-            Path(args.out) / "analysis.json",
-            {
-                "model": args.model,
-                "method": method.name,
-                "layers": rows,
-                "skipped": discovery.skipped,
-            },
+    result = analyze(profile, method.grid, args.error_model, not args.no_progress)
+    labels = list(dict.fromkeys(k for row in result.layers for k in row.candidates))
+    shown = Table(title=f"{args.model}: sensitivity ({args.error_model} error model)")
+    for column in ("layer", "weights", "|g|", "trace", "top eig", "min eig", *labels):
+        shown.add_column(column, justify="left" if column == "layer" else "right")
+    for row in result.layers:
+        shown.add_row(
+            row.name + (" (saddle)" if row.saddle else ""),
+            f"{row.weights:,}",
+            f"{row.gradient_norm:.3g}",
+            f"{row.trace:.3g}",
+            f"{row.top_eigenvalue:.3g}",
+            f"{row.bottom_eigenvalue:.3g}",
+            *(f"{row.candidates[k][1]:.3g}" if k in row.candidates else "" for k in labels),
         )
-        console.print(f"analysis: {Path(args.out) / 'analysis.json'}")
+    console.print(shown)
+    console.print(
+        f"cost: {result.fb_equivalents} forward+backward equivalents over "
+        f"{len(dataset.calibration)} calibration samples, {result.seconds:.1f} s"
+    )
+    if args.out:
+        path = write_sensitivity(result, f"{args.model} ({method.name} grid)", Path(args.out))
+        console.print(f"analysis: {path}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -247,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         None,
         None,
     )
-    args.bits, args.calibration, args.seed = 4, 512, 0
+    args.bits, args.calibration, args.seed, args.no_cache = 4, 512, 0, False
     cmd_compress(args)
 
 
@@ -274,6 +273,9 @@ def _add_source(parser: argparse.ArgumentParser, calibration: bool = True) -> No
         parser.add_argument(
             "--seed", type=int, default=0, help="seed of calibration subset and fitting"
         )
+        parser.add_argument(
+            "--no-cache", action="store_true", help="recompute profile statistics (no disk cache)"
+        )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -298,10 +300,17 @@ def parser() -> argparse.ArgumentParser:
     _add_source(p, calibration=False)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("analyze", help="per-layer predicted damage of every candidate")
+    p = sub.add_parser("analyze", help="per-layer curvature and predicted damage of candidates")
     p.add_argument("model")
-    p.add_argument("--method", default="uniform-quant", choices=sorted(METHODS))
-    p.add_argument("--out", help="directory for analysis.json")
+    p.add_argument(
+        "--method", default="uniform-quant", choices=sorted(METHODS), help="whose scheme grid"
+    )
+    p.add_argument(
+        "--error-model", default="second-order", choices=sorted(ERROR_MODELS), help="damage model"
+    )
+    p.add_argument("--probes", type=int, default=16, help="most Hutchinson probes (trace)")
+    p.add_argument("--lanczos", type=int, default=4, help="Lanczos iterations per layer")
+    p.add_argument("--out", help="directory for analysis.md, analysis.json and plots")
     _add_source(p)
     p.set_defaults(func=cmd_analyze)
 

@@ -1,11 +1,17 @@
-"""Error models: predict a candidate's damage from its weight perturbation dW = W_hat - W.
+"""Error models: predict a candidate's damage from its weight perturbation d = W_hat - W.
 
-Each model is a function of (dW folded to 2-D (out, fan_in), the layer's statistics) returning a
-float. Units differ between models, so damages are only comparable within one model:
-- `weight`: |dW|_F^2, squared weight error.
+An error model takes every candidate's perturbation of every layer at once ({layer: [d, ...]},
+weight-shaped) and the model's `Profile`, and returns one damage per perturbation; taking them
+all together lets curvature models share passes over the data. Units differ between models, so
+damages are only comparable within one model:
+- `weight`: |d|^2, squared weight error.
 - `output`: mean over calibration input patches x of |dW x|^2 = tr(dW C dW') / n with
-  C = sum x x' (the layer's input second moment). It is the squared output error the layer adds.
-Later models (second-order loss change, the ALDS bound) register here the same way.
+  C = sum x x' (the layer's input second moment): the squared output error the layer adds.
+- `second-order`: g.d + 1/2 d'H_ii d, the calibration-loss change to second order, with one exact
+  Hessian-vector product per candidate (nats for cross-entropy).
+- `trace`: g.d + 1/2 tr(H_ii)/n_i |d|^2, H_ii replaced by its mean eigenvalue (Hutchinson).
+- `diagonal`: g.d + 1/2 sum_j diag(H_ii)_j d_j^2, H_ii replaced by its diagonal (Hutchinson).
+Later models (the ALDS bound) register here the same way.
 """
 
 from __future__ import annotations
@@ -15,41 +21,82 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from allot.discover import fold_weight_2d
 from allot.exceptions import ConfigError
-from allot.stats import LayerStats
+from allot.profile.damage import diagonal_damage, trace_damage
+from allot.profile.engine import LayerProfile, Profile
+
+Deltas = dict[str, list[Tensor]]
+Damages = dict[str, list[float]]
 
 
 @dataclass(frozen=True)
 class ErrorModel:
-    """A named damage predictor; `needs_inputs` says whether it uses input second moments."""
+    """A named damage predictor: `damages(deltas, profile)` gives one float per perturbation."""
 
     name: str
-    damage: Callable[[Tensor, LayerStats | None], float]
-    needs_inputs: bool = False
+    damages: Callable[[Deltas, Profile], Damages]
     description: str = ""
 
 
-def _weight_error(delta: Tensor, stats: LayerStats | None) -> float:
+def per_perturbation(damage: Callable[[Tensor, LayerProfile], float]) -> Callable:
+    """Lift `damage(d, layer_profile)` of one perturbation to an error model's `damages`."""
+
+    def damages(deltas: Deltas, profile: Profile) -> Damages:
+        return {name: [damage(d, profile.layer(name)) for d in ds] for name, ds in deltas.items()}
+
+    return damages
+
+
+def _weight_error(delta: Tensor, _layer: LayerProfile) -> float:
     return float(delta.double().pow(2).sum())
 
 
-def _output_error(delta: Tensor, stats: LayerStats | None) -> float:
-    if stats is None or stats.input_cov is None or stats.samples == 0:
-        raise ConfigError("the output error model needs input statistics from calibration data")
-    d = delta.double()
+def _output_error(delta: Tensor, layer: LayerProfile) -> float:
+    stats = layer.inputs()
+    if stats.input_cov is None or stats.samples == 0:
+        raise ConfigError(f"layer {layer.name!r} saw no calibration inputs; check the data")
+    d = fold_weight_2d(delta).double()
     return float(((d @ stats.input_cov) * d).sum() / stats.samples)
+
+
+def _linear(delta: Tensor, layer: LayerProfile) -> float:
+    return float((layer.gradient().double() * delta.double()).sum())
+
+
+def _trace(delta: Tensor, layer: LayerProfile) -> float:
+    trace = layer.hessian_estimate().trace
+    return _linear(delta, layer) + trace_damage(trace, delta.numel(), delta)
+
+
+def _diagonal(delta: Tensor, layer: LayerProfile) -> float:
+    return _linear(delta, layer) + diagonal_damage(layer.hessian_estimate().diagonal, delta)
+
+
+def _second_order(deltas: Deltas, profile: Profile) -> Damages:
+    return {
+        name: [term.total for term in terms] for name, terms in profile.second_order(deltas).items()
+    }
 
 
 ERROR_MODELS: dict[str, ErrorModel] = {
     m.name: m
     for m in (
-        ErrorModel("weight", _weight_error, False, "squared weight error |dW|_F^2"),
-        ErrorModel("output", _output_error, True, "mean squared output error |dW x|^2"),
+        ErrorModel("weight", per_perturbation(_weight_error), "squared weight error |dW|_F^2"),
+        ErrorModel("output", per_perturbation(_output_error), "mean squared output error |dW x|^2"),
+        ErrorModel(
+            "second-order", _second_order, "loss change g.d + 1/2 d'Hd, exact HVP per candidate"
+        ),
+        ErrorModel("trace", per_perturbation(_trace), "g.d + 1/2 tr(H)/n |d|^2 (Hutchinson)"),
+        ErrorModel(
+            "diagonal", per_perturbation(_diagonal), "g.d + 1/2 sum diag(H) d^2 (Hutchinson)"
+        ),
     )
 }
 
 
 def get_error_model(name: str) -> ErrorModel:
+    """The registered error model `name`; `ConfigError` listing the known ones otherwise."""
     if name not in ERROR_MODELS:
         raise ConfigError(f"unknown error model {name!r}; known: {', '.join(sorted(ERROR_MODELS))}")
     return ERROR_MODELS[name]

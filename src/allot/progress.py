@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
@@ -11,15 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 
-def progress_bar(
-    items: Sequence[T] | Iterable[T], label: str, enabled: bool = True, total: int | None = None
-) -> Iterator[T]:
-    """Yield `items`, showing a transient rich progress bar on stderr when `enabled`."""
+@contextmanager
+def progress_counter(
+    label: str, enabled: bool = True, total: int | None = None
+) -> Iterator[Callable[[], None]]:
+    """A transient rich progress bar on stderr (when `enabled`); yields `advance()`, one call per
+    step, for work that is not shaped as a loop over known items."""
     if not enabled:
-        yield from items
+        yield lambda: None
         return
-    if total is None and isinstance(items, Sequence):
-        total = len(items)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -28,6 +29,16 @@ def progress_bar(
     )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
+def progress_bar(
+    items: Sequence[T] | Iterable[T], label: str, enabled: bool = True, total: int | None = None
+) -> Iterator[T]:
+    """Yield `items`, showing a transient rich progress bar on stderr when `enabled`."""
+    if total is None and isinstance(items, Sequence):
+        total = len(items)
+    with progress_counter(label, enabled, total) as advance:
         for item in items:
             yield item
-            bar.advance(task)
+            advance()

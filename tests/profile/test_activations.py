@@ -6,6 +6,7 @@ from allot.discover import Layer, LayerSpec
 from allot.errors import get_error_model
 from allot.exceptions import ConfigError, DataError
 from allot.profile.activations import damped_cholesky, input_statistics
+from allot.profile.engine import Profile
 from allot.stats import LayerStats
 
 LAYERS = {
@@ -25,7 +26,8 @@ def test_output_error_model_equals_the_measured_output_error(kind: str) -> None:
     batches = [(torch.randn(shape, dtype=torch.float64), torch.zeros(shape[0])) for _ in range(2)]
     stats = input_statistics(module, [Layer("", spec)], batches, progress=False)[""]
     delta = torch.randn(spec.weight_shape, dtype=torch.float64)
-    predicted = get_error_model("output").damage(delta.reshape(spec.out_features, -1), stats)
+    profile = Profile(module, [Layer("", spec)], batches, lambda y, _t: y.mean(), progress=False)
+    predicted = get_error_model("output").damages({"": [delta]}, profile)[""][0]
     measured = sum(float(spec.forward(x, delta, None).pow(2).sum()) for x, _ in batches)
     positions = sum(spec.forward(x, delta, None).numel() // spec.out_features for x, _ in batches)
     assert stats.samples == positions

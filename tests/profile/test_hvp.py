@@ -137,6 +137,30 @@ def test_layer_hvps_equal_repeated_layer_hvp_and_cost_less() -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_block_hvps_equal_the_exact_diagonal_blocks_in_one_sweep(kind: str) -> None:
+    model, names, batches = setup(kind)
+    _, hessian = exact(model, names, batches)
+    curvature = Curvature(model, names, batches, F.cross_entropy)
+    vectors = {
+        name: [torch.randn_like(model.get_submodule(name).weight) for _ in range(k)]
+        for name, k in zip(names, (2, 1), strict=True)
+    }
+    products = curvature.block_hvps(vectors)
+    assert curvature.passes.gradient_sweeps == 1 and curvature.passes.second_backward_sweeps == 3
+    for name, block in zip(names, blocks(model, names), strict=True):
+        assert len(products[name]) == len(vectors[name])
+        for v, hv in zip(vectors[name], products[name], strict=True):
+            assert rel_error(hv.flatten(), hessian[block, block] @ v.flatten()) <= 1e-6
+
+
+def test_block_hvps_of_no_vectors_cost_nothing() -> None:
+    model, names, batches = setup("mlp")
+    curvature = Curvature(model, names, batches, F.cross_entropy)
+    assert curvature.block_hvps({names[0]: []}) == {names[0]: []}
+    assert curvature.passes.fb_equivalents == 0
+
+
 def test_passes_count_sweeps_over_the_calibration_set() -> None:
     model, names, batches = setup("mlp")
     curvature = Curvature(model, names, batches, F.cross_entropy)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from allot.exceptions import ConfigError
 from allot.profile.hvp import Curvature
-from allot.profile.lanczos import lanczos
+from allot.profile.lanczos import Lanczos, RitzPairs, lanczos
 
 
 def with_spectrum(values: list[float], seed: int) -> Tensor:
@@ -19,7 +19,9 @@ def with_spectrum(values: list[float], seed: int) -> Tensor:
     return q @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ q.T
 
 
-def check_pairs(a: Tensor, values: Tensor, vectors: Tensor, expected: np.ndarray) -> None:
+def check_pairs(a: Tensor, pairs: RitzPairs, expected: np.ndarray) -> None:
+    values, vectors = pairs.values, pairs.vectors
+    assert float(pairs.residuals.max()) <= 1e-6 * float(np.abs(expected).max())
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(values.numpy(), expected, rtol=0, atol=1e-6 * scale)
     residual = a @ vectors - vectors * values
@@ -31,10 +33,10 @@ def check_pairs(a: Tensor, values: Tensor, vectors: Tensor, expected: np.ndarray
 def test_exact_when_iterations_cover_the_space(which: str) -> None:
     a = torch.randn(12, 12, dtype=torch.float64)
     a = a + a.T  # indefinite
-    values, vectors = lanczos(lambda v: a @ v, 12, 3, 40, which, torch.Generator().manual_seed(0))
+    pairs = lanczos(lambda v: a @ v, 12, 3, 40, which, torch.Generator().manual_seed(0))
     exact = np.linalg.eigh(a.numpy())[0]
     expected = {"largest": exact[-3:], "smallest": exact[:3], "both": np.r_[exact[:3], exact[-3:]]}
-    check_pairs(a, values, vectors, np.sort(expected[which])[::-1])
+    check_pairs(a, pairs, np.sort(expected[which])[::-1])
 
 
 def test_top_and_negative_eigenvalues_converge_in_few_iterations() -> None:
@@ -42,17 +44,17 @@ def test_top_and_negative_eigenvalues_converge_in_few_iterations() -> None:
     a = with_spectrum(spectrum, seed=1)
     exact = np.linalg.eigh(a.numpy())[0]
     generator = torch.Generator().manual_seed(0)
-    values, vectors = lanczos(lambda v: a @ v, 200, 3, 40, "largest", generator)
-    check_pairs(a, values, vectors, exact[::-1][:3])
-    values, vectors = lanczos(lambda v: a @ v, 200, 3, 40, "smallest", generator)
-    check_pairs(a, values, vectors, exact[:3][::-1])
+    pairs = lanczos(lambda v: a @ v, 200, 3, 40, "largest", generator)
+    check_pairs(a, pairs, exact[::-1][:3])
+    pairs = lanczos(lambda v: a @ v, 200, 3, 40, "smallest", generator)
+    check_pairs(a, pairs, exact[:3][::-1])
 
 
 def test_a_low_rank_operator_restarts_and_stays_exact() -> None:
     a = with_spectrum([5.0, -2.0, 1.0] + [0.0] * 9, seed=2)  # invariant Krylov space of size 3
-    values, vectors = lanczos(lambda v: a @ v, 12, 4, 12, "both", torch.Generator().manual_seed(0))
+    pairs = lanczos(lambda v: a @ v, 12, 4, 12, "both", torch.Generator().manual_seed(0))
     exact = np.linalg.eigh(a.numpy())[0]
-    check_pairs(a, values, vectors, np.r_[exact[:4], exact[-4:]][::-1])
+    check_pairs(a, pairs, np.r_[exact[:4], exact[-4:]][::-1])
 
 
 def test_the_same_seed_gives_the_same_pairs() -> None:
@@ -60,7 +62,8 @@ def test_the_same_seed_gives_the_same_pairs() -> None:
     runs = [
         lanczos(lambda v: a @ v, 50, 2, 10, "both", torch.Generator().manual_seed(5)) for _ in "ab"
     ]
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert torch.equal(runs[0].values, runs[1].values)
+    assert torch.equal(runs[0].vectors, runs[1].vectors)
 
 
 def test_indefinite_layer_hessian_through_hvps() -> None:
@@ -85,9 +88,33 @@ def test_indefinite_layer_hessian_through_hvps() -> None:
     def matvec(v: Tensor) -> Tensor:
         return curvature.layer_hvp("0", v.view(curvature.shape("0"))).flatten()
 
-    values, vectors = lanczos(matvec, 24, 3, 24, "both", torch.Generator().manual_seed(0))
-    check_pairs(hessian, values, vectors, np.r_[exact[:3], exact[-3:]][::-1])
+    pairs = lanczos(matvec, 24, 3, 24, "both", torch.Generator().manual_seed(0))
+    check_pairs(hessian, pairs, np.r_[exact[:3], exact[-3:]][::-1])
     assert curvature.passes.fb_equivalents == 2 * 24
+
+
+def test_residual_bounds_are_the_true_residuals_and_bound_the_error() -> None:
+    a = with_spectrum(list(np.linspace(-5, 10, 60)), seed=4)
+    pairs = lanczos(lambda v: a @ v, 60, 2, 6, "both", torch.Generator().manual_seed(1))
+    measured = (a @ pairs.vectors - pairs.vectors * pairs.values).norm(dim=0)
+    torch.testing.assert_close(pairs.residuals, measured, rtol=1e-6, atol=1e-9)
+    exact = torch.tensor(np.linalg.eigh(a.numpy())[0])
+    nearest = (pairs.values[:, None] - exact[None, :]).abs().min(dim=1).values
+    assert (nearest <= pairs.residuals + 1e-12).all()
+    assert float(pairs.residuals.max()) > 1e-3  # six iterations are not enough to converge
+
+
+def test_runs_driven_in_lock_step_equal_separate_runs() -> None:
+    mats = [with_spectrum(list(np.linspace(-1, s, 30)), seed=s) for s in (5, 6)]
+    runs = [Lanczos(30, 8, torch.Generator().manual_seed(i)) for i in range(2)]
+    while not all(run.done for run in runs):
+        for run, a in zip(runs, mats, strict=True):
+            run.update(a @ run.query())
+    for i, (run, a) in enumerate(zip(runs, mats, strict=True)):
+        alone = lanczos(lambda v, a=a: a @ v, 30, 2, 8, "largest", torch.Generator().manual_seed(i))
+        assert torch.equal(run.pairs(2).values, alone.values)
+    with pytest.raises(ConfigError, match="done"):
+        runs[0].update(torch.zeros(30))
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,11 @@ class SecondOrder:
         return self.linear + self.quadratic
 
 
+def second_order_terms(gradient: Tensor, delta: Tensor, product: Tensor) -> SecondOrder:
+    """g.d and 1/2 d'(H d) from the layer's gradient g, the change d and the product H d."""
+    return SecondOrder(linear=_dot(gradient.double(), delta), quadratic=0.5 * _dot(product, delta))
+
+
 def second_order_damage(
     curvature: Curvature, name: str, deltas: Sequence[Tensor]
 ) -> list[SecondOrder]:
@@ -38,15 +43,9 @@ def second_order_damage(
     The gradient is shared by all layers (one sweep, cached); the quadratic terms cost
     1 + len(deltas) forward+backward equivalents together.
     """
-    gradient = curvature.gradient()[name].double()
+    gradient = curvature.gradient()[name]
     hvs = curvature.layer_hvps(name, list(deltas))
-    return [
-        SecondOrder(
-            linear=_dot(gradient, delta),
-            quadratic=0.5 * _dot(hv, delta),
-        )
-        for delta, hv in zip(deltas, hvs, strict=True)
-    ]
+    return [second_order_terms(gradient, d, hv) for d, hv in zip(deltas, hvs, strict=True)]
 
 
 def trace_damage(trace: float, numel: int, delta: Tensor) -> float:
@@ -65,9 +64,9 @@ def plan_quadratic(curvature: Curvature, deltas: dict[str, Tensor]) -> float:
     Layers absent from `deltas` are unchanged. Costs 2 forward+backward equivalents.
     """
     hvs = curvature.hvp(deltas)
-    return 0.5 * sum(_dot(hvs[name].double(), delta) for name, delta in deltas.items())
+    return 0.5 * sum(_dot(hvs[name], delta) for name, delta in deltas.items())
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
     """Float64 inner product of two same-shaped tensors (b moved to a's device)."""
-    return float((a * b.to(device=a.device, dtype=torch.float64)).sum())
+    return float((a.double() * b.to(device=a.device, dtype=torch.float64)).sum())

@@ -59,7 +59,8 @@ class Curvature:
     `layers` are qualified module names whose `.weight` are the parameters; `batches` are
     (inputs, targets) pairs; `loss_fn(outputs, targets)` returns a batch's mean loss. Vectors and
     results have the weights' shapes; results are in the model's dtype, in loss units per squared
-    weight unit (H v) or loss units per weight unit (g). `passes` counts the work spent.
+    weight unit (H v) or loss units per weight unit (g). `passes` counts the work spent;
+    `on_step()` is called after each batch's second backward of each vector (for progress bars).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class Curvature:
         if self.samples == 0:
             raise DataError("the calibration batches hold no samples")
         self.passes = Passes()
+        self.on_step: Callable[[], None] = lambda: None
         self._gradient: dict[str, Tensor] | None = None
 
     def shape(self, name: str) -> torch.Size:
@@ -117,8 +119,7 @@ class Curvature:
         """
         for name in vectors:
             self._weight(name)
-        columns = [vectors.get(name) for name in self.layers]
-        return dict(zip(self.layers, self._hvps(self.layers, [columns])[0], strict=True))
+        return self._hvps(self.layers, [(vectors, self.layers)])[0]
 
     def layer_hvp(self, name: str, v: Tensor) -> Tensor:
         """H_ii v: one layer's Hessian block times v (2 forward+backward equivalents)."""
@@ -129,10 +130,24 @@ class Curvature:
 
         Costs 1 + len(vs) forward+backward equivalents instead of 2 len(vs) for separate calls.
         """
-        self._weight(name)
-        if not vs:
-            return []
-        return [hv[0] for hv in self._hvps([name], [[v] for v in vs])]
+        return self.block_hvps({name: list(vs)})[name]
+
+    def block_hvps(self, vectors: dict[str, Sequence[Tensor]]) -> dict[str, list[Tensor]]:
+        """H_ii v for every listed layer i and each of its vectors: the block-diagonal products.
+
+        All layers share each batch's forward and first backward, so this costs one gradient sweep
+        plus one second backward per vector (a layer's second backward runs from the loss down to
+        that layer only, so it is cheap for late layers and about a full backward for early ones).
+        """
+        for name in vectors:
+            self._weight(name)
+        names = [name for name in self.layers if vectors.get(name)]
+        requests = [({name: v}, [name]) for name in names for v in vectors[name]]
+        products = iter(self._hvps(names, requests)) if requests else iter(())
+        return {
+            name: [next(products)[name] for _ in vectors[name]] if name in names else []
+            for name in vectors
+        }
 
     def _weight(self, name: str) -> nn.Parameter:
         if name not in self._weights:
@@ -141,27 +156,35 @@ class Curvature:
             )
         return self._weights[name]
 
-    def _hvps(self, names: list[str], columns: list[list[Tensor | None]]) -> list[list[Tensor]]:
-        """For each vector set in `columns` (one entry per name, None = zero), H restricted to
-        `names` times it; one forward and first backward per batch, one second backward per set."""
-        weights = [self._weights[name] for name in names]
-        vectors = [[self._vector(w, v) for w, v in zip(weights, vs, strict=True)] for vs in columns]
-        sums = [[torch.zeros_like(w) for w in weights] for _ in vectors]
+    def _hvps(
+        self, names: list[str], requests: list[tuple[dict[str, Tensor], list[str]]]
+    ) -> list[dict[str, Tensor]]:
+        """For each request (vectors {layer: v}, output layers), sum_j H_ij v_j for every output
+        layer i, all layers within `names` (vectors of other layers count as zero). One forward and
+        first backward per batch serve every request; each request costs one second backward."""
+        weights = {name: self._weights[name] for name in names}
+        vectors = [{n: self._vector(weights[n], v) for n, v in vs.items()} for vs, _ in requests]
+        sums = [{n: torch.zeros_like(weights[n]) for n in outputs} for _, outputs in requests]
         with self._differentiating(names) as params:
-            for n, grads in self._batch_gradients(params, create_graph=True):
-                for k, vs in enumerate(vectors):
-                    terms = [(g * v).sum() for g, v in zip(grads, vs, strict=True) if v is not None]
+            for n_b, grads in self._batch_gradients(params, create_graph=True):
+                gradient = dict(zip(names, grads, strict=True))
+                for k, (request, total) in enumerate(zip(vectors, sums, strict=True)):
+                    terms = [(gradient[n] * v).sum() for n, v in request.items()]
                     dot = torch.stack(terms).sum() if terms else None
                     if dot is None or not dot.requires_grad:
                         continue  # the gradient does not depend on w along v: H v is zero
                     hvs = torch.autograd.grad(
-                        dot, params, retain_graph=k < len(vectors) - 1, materialize_grads=True
+                        dot,
+                        [weights[n] for n in total],
+                        retain_graph=k < len(vectors) - 1,
+                        materialize_grads=True,
                     )
-                    for total, hv in zip(sums[k], hvs, strict=True):
-                        total.add_(hv, alpha=n)
+                    for entry, hv in zip(total.values(), hvs, strict=True):
+                        entry.add_(hv, alpha=n_b)
+                    self.on_step()
         self.passes.gradient_sweeps += 1
         self.passes.second_backward_sweeps += len(vectors)
-        return [[s / self.samples for s in set_sums] for set_sums in sums]
+        return [{n: s / self.samples for n, s in total.items()} for total in sums]
 
     @staticmethod
     def _vector(weight: Tensor, v: Tensor | None) -> Tensor | None:

@@ -11,6 +11,7 @@ float64 on the CPU.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,6 +25,88 @@ Which = Literal["largest", "smallest", "both"]
 _BREAKDOWN = 1e-10
 
 
+@dataclass(frozen=True)
+class RitzPairs:
+    """Ritz approximations: `values` (r,) decreasing, `vectors` (n, r) orthonormal columns, and
+    `residuals` (r,): |A x - theta x| for each pair, the Lanczos bound |beta_m s_m| (0 when exact).
+    Every eigenvalue-estimate error is at most its residual, so it says how far to trust each one."""
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+
+
+class Lanczos:
+    """One Lanczos run driven one matvec at a time: `query()` is the next vector to multiply,
+    `update(A q)` consumes the product. Several runs (one per layer) can so share each pass over
+    the data. `done` once min(iterations, n) products have been consumed; then `pairs(k, which)`."""
+
+    def __init__(self, n: int, iterations: int, generator: torch.Generator | None = None) -> None:
+        if n < 1 or iterations < 1:
+            raise ConfigError(f"n ({n}) and iterations ({iterations}) must be at least 1")
+        self.n, self.m = n, min(iterations, n)
+        self._generator = generator
+        self._basis = torch.zeros(self.m, n, dtype=torch.float64)
+        self._alpha = torch.zeros(self.m, dtype=torch.float64)
+        self._beta = torch.zeros(self.m, dtype=torch.float64)  # beta[m-1]: the residual's norm
+        self._scale = 0.0
+        self._steps = 0
+        self._q = _random_orthogonal(n, self._basis[:0], generator)
+
+    @property
+    def done(self) -> bool:
+        return self._steps == self.m
+
+    def query(self) -> Tensor:
+        """The unit vector (float64, shape (n,)) whose product the next `update` expects."""
+        return self._q
+
+    def update(self, product: Tensor) -> None:
+        """Consume A q for the vector `query()` returned."""
+        if self.done:
+            raise ConfigError("this Lanczos run is done; read its pairs")
+        j = self._steps
+        self._basis[j] = self._q
+        w = product.to(dtype=torch.float64, device="cpu").reshape(self.n)
+        self._alpha[j] = self._q @ w
+        w = _orthogonalise(w, self._basis[: j + 1])
+        norm = float(w.norm())
+        self._scale = max(self._scale, abs(float(self._alpha[j])), norm)
+        self._steps += 1
+        invariant = norm <= _BREAKDOWN * self._scale
+        if not invariant:
+            self._beta[j] = norm
+        if self.done:
+            return
+        if invariant:
+            self._q = _random_orthogonal(self.n, self._basis[: j + 1], self._generator)
+        else:
+            self._q = w / norm
+
+    def pairs(self, k: int, which: Which = "largest") -> RitzPairs:
+        """The k extreme Ritz pairs (`which`: largest, smallest, or both: up to 2k pairs)."""
+        if which not in ("largest", "smallest", "both"):
+            raise ConfigError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
+        m = self._steps
+        if not 1 <= k <= m:
+            raise ConfigError(f"k must be between 1 and the {m} iterations done, got {k}")
+        beta = self._beta[: m - 1]
+        tridiagonal = torch.diag(self._alpha[:m]) + torch.diag(beta, 1) + torch.diag(beta, -1)
+        values, vectors = torch.linalg.eigh(tridiagonal)  # ascending
+        if which == "largest":
+            index = torch.arange(m - k, m)
+        elif which == "smallest":
+            index = torch.arange(0, k)
+        else:
+            index = torch.cat([torch.arange(0, k), torch.arange(max(k, m - k), m)])
+        index = index.flip(0)
+        return RitzPairs(
+            values=values[index],
+            vectors=self._basis[:m].T @ vectors[:, index],
+            residuals=(self._beta[m - 1] * vectors[m - 1, index]).abs(),
+        )
+
+
 def lanczos(
     matvec: Callable[[Tensor], Tensor],
     n: int,
@@ -31,13 +114,11 @@ def lanczos(
     iterations: int,
     which: Which = "largest",
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> RitzPairs:
     """Ritz approximations of k extreme eigenpairs of the symmetric operator `matvec` on R^n.
 
-    `which` picks the k largest, the k smallest (most negative) or both (up to 2k pairs).
-    Returns (eigenvalues, eigenvectors): eigenvalues float64 of shape (r,) in decreasing order,
-    eigenvectors float64 of shape (n, r) with orthonormal columns, column j belonging to
-    eigenvalue j. Uses min(iterations, n) matvecs; the start vector comes from `generator`.
+    `which` picks the k largest, the k smallest (most negative) or both (up to 2k pairs). Uses
+    min(iterations, n) matvecs; the start vector comes from `generator`.
     """
     if which not in ("largest", "smallest", "both"):
         raise ConfigError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
@@ -45,36 +126,10 @@ def lanczos(
         raise ConfigError(f"k must be between 1 and n={n}, got {k}")
     if iterations < k:
         raise ConfigError(f"iterations ({iterations}) must be at least k ({k})")
-    m = min(iterations, n)
-    basis = torch.zeros(m, n, dtype=torch.float64)
-    alpha = torch.zeros(m, dtype=torch.float64)
-    beta = torch.zeros(max(m - 1, 0), dtype=torch.float64)
-    scale = 0.0
-    q = _random_orthogonal(n, basis[:0], generator)
-    for j in range(m):
-        basis[j] = q
-        w = matvec(q).to(dtype=torch.float64, device="cpu").reshape(n)
-        alpha[j] = q @ w
-        w = _orthogonalise(w, basis[: j + 1])
-        if j == m - 1:
-            break
-        norm = float(w.norm())
-        scale = max(scale, abs(float(alpha[j])), norm)
-        if norm <= _BREAKDOWN * scale:
-            q = _random_orthogonal(n, basis[: j + 1], generator)  # beta[j] stays 0
-        else:
-            beta[j] = norm
-            q = w / norm
-    tridiagonal = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
-    values, vectors = torch.linalg.eigh(tridiagonal)  # ascending
-    if which == "largest":
-        index = torch.arange(m - k, m)
-    elif which == "smallest":
-        index = torch.arange(0, k)
-    else:
-        index = torch.cat([torch.arange(0, k), torch.arange(max(k, m - k), m)])
-    index = index.flip(0)
-    return values[index], basis.T @ vectors[:, index]
+    run = Lanczos(n, iterations, generator)
+    while not run.done:
+        run.update(matvec(run.query()))
+    return run.pairs(k, which)
 
 
 def _orthogonalise(w: Tensor, basis: Tensor) -> Tensor:

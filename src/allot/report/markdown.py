@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from allot.io import atomic_write
+from allot.io import atomic_write, write_json
 from allot.plan import Plan
-from allot.report.plots import allocation_plot, damage_plot
+from allot.report.plots import allocation_plot, curvature_plot, damage_plot, sensitivity_plot
+from allot.sensitivity import Sensitivity
 
 REPORT = "report.md"
 
@@ -80,4 +81,58 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
         lines += ["", f"![damage]({damage.name})"]
     path = directory / REPORT
     atomic_write(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+def write_sensitivity(sensitivity: Sensitivity, title: str, directory: Path) -> Path:
+    """Write `analysis.md`, `analysis.json` and the sensitivity plots into `directory`."""
+    directory = Path(directory)
+    write_json(directory / "analysis.json", {"title": title, **sensitivity.to_json()})
+    curvature_plot(sensitivity, directory / "curvature.png")
+    sensitivity_plot(sensitivity, directory / "sensitivity.png")
+    labels = list(dict.fromkeys(k for row in sensitivity.layers for k in row.candidates))
+    lines = [
+        f"# allot analysis: {title}",
+        "",
+        f"Predicted damage by the `{sensitivity.error_model}` error model. Curvature of the "
+        "calibration loss per layer: Hutchinson trace (± standard error), Lanczos extreme "
+        "eigenvalues (± residual bound); *saddle* marks a layer whose Hessian block certainly has "
+        f"a negative eigenvalue. Cost: {sensitivity.fb_equivalents} forward+backward equivalents "
+        f"over the calibration set, {sensitivity.seconds:.1f} s.",
+        "",
+        *_table(
+            ["layer", "weights", "|g|", "trace", "± se", "top eig", "± res", "min eig", "saddle"],
+            [
+                [
+                    r.name,
+                    r.weights,
+                    r.gradient_norm,
+                    r.trace,
+                    r.trace_stderr,
+                    r.top_eigenvalue,
+                    r.top_residual,
+                    r.bottom_eigenvalue,
+                    "yes" if r.saddle else "",
+                ]
+                for r in sensitivity.layers
+            ],
+        ),
+        "",
+        "Predicted damage per candidate:",
+        "",
+        *_table(
+            ["layer", *labels],
+            [
+                [r.name, *(r.candidates.get(k, (0, ""))[1] for k in labels)]
+                for r in sensitivity.layers
+            ],
+        ),
+        "",
+        "![curvature](curvature.png)",
+        "",
+        "![sensitivity](sensitivity.png)",
+        "",
+    ]
+    path = directory / "analysis.md"
+    atomic_write(path, "\n".join(lines).encode())
     return path

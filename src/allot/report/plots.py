@@ -1,4 +1,4 @@
-"""Report plots (matplotlib, headless): per-layer allocation and predicted damage."""
+"""Report plots (matplotlib, headless): per-layer allocation, predicted damage, sensitivity."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 
 from allot.io import atomic_write
 from allot.plan import Plan
+from allot.sensitivity import Sensitivity
 
 
 def _bar(
@@ -25,6 +26,10 @@ def _bar(
     ax.set_title(title)
     if log:
         ax.set_yscale("symlog", linthresh=1e-12)
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -56,4 +61,40 @@ def damage_plot(plan: Plan, path: Path) -> Path | None:
         "damage per layer",
         log=True,
     )
+    return path
+
+
+def curvature_plot(sensitivity: Sensitivity, path: Path) -> Path:
+    """Per-layer gradient norm, Hessian trace per weight and top eigenvalue (log scale)."""
+    names = [row.name for row in sensitivity.layers]
+    panels = [
+        ("gradient norm |g|", [row.gradient_norm for row in sensitivity.layers]),
+        ("trace(H) / weights", [row.trace / row.weights for row in sensitivity.layers]),
+        ("top eigenvalue of H", [row.top_eigenvalue for row in sensitivity.layers]),
+    ]
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.28 * len(names) + 2), 8), sharex=True)
+    for ax, (label, values) in zip(axes, panels, strict=True):
+        ax.bar(range(len(values)), values, color="#3b6ea8")
+        ax.set_yscale("symlog", linthresh=1e-8)
+        ax.set_ylabel(label, fontsize=8)
+    axes[-1].set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    axes[0].set_title("per-layer curvature of the calibration loss")
+    _save(fig, path)
+    return path
+
+
+def sensitivity_plot(sensitivity: Sensitivity, path: Path) -> Path:
+    """Predicted damage against stored bits per weight, one line per layer."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in sensitivity.layers:
+        points = sorted(row.candidates.values())
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", lw=1, label=row.name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("symlog", linthresh=1e-8)
+    ax.set_xlabel("bits per weight (incl. metadata)")
+    ax.set_ylabel(f"predicted damage ({sensitivity.error_model})")
+    ax.set_title("candidates per layer")
+    if len(sensitivity.layers) <= 24:
+        ax.legend(fontsize=5, ncol=2)
+    _save(fig, path)
     return path

@@ -5,8 +5,9 @@ A scheme is a frozen dataclass registered by its `kind`. It knows:
   (codes, scales, offsets, indices, factors, codebooks) at its stored width, rounded up to whole
   bytes per tensor exactly as saved. The layer's bias is not counted (it stays float and is counted
   with the model's other parameters).
-- `compress(weight, bias, spec, stats)`: fit itself to a float weight and return the module that
-  really stores the compressed form.
+- `compress(weight, bias, spec, profile)`: fit itself to a float weight and return the module that
+  really stores the compressed form; a scheme that fits to data reads the layer's calibration
+  `LayerProfile` (statistics are computed on first use, so other schemes cost nothing).
 - `empty(spec)`: the same module with uninitialised storage, to load an artifact into.
 - `check(spec)`: raise `ConfigError` when it cannot apply to a layer (a rank above full rank, a
   group size that does not divide the fan-in).
@@ -15,13 +16,15 @@ A scheme is a frozen dataclass registered by its `kind`. It knows:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
 from allot.discover import LayerSpec
 from allot.exceptions import ConfigError, PlanError
-from allot.stats import LayerStats
+
+if TYPE_CHECKING:
+    from allot.profile.engine import LayerProfile
 
 SCHEMES: dict[str, type[Scheme]] = {}
 
@@ -45,7 +48,11 @@ class Scheme:
         raise NotImplementedError
 
     def compress(
-        self, weight: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats | None = None
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        profile: LayerProfile | None = None,
     ) -> nn.Module:
         """Fit to `weight` (shape `spec.weight_shape`) and return the compressed module."""
         raise NotImplementedError

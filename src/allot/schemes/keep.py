@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,9 @@ from torch import Tensor, nn
 from allot.discover import LayerSpec
 from allot.modules.base import build_float_layer
 from allot.schemes.base import Scheme, register_scheme
-from allot.stats import LayerStats
+
+if TYPE_CHECKING:
+    from allot.profile.engine import LayerProfile
 
 
 @register_scheme
@@ -25,7 +27,11 @@ class Keep(Scheme):
         return 32 * spec.numel
 
     def compress(
-        self, weight: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats | None = None
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        profile: LayerProfile | None = None,
     ) -> nn.Module:
         return build_float_layer(spec, weight.detach(), None if bias is None else bias.detach())
 

@@ -6,7 +6,7 @@ Storage of a layer in bits: 32 * rank * (out + fan_in).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -16,7 +16,9 @@ from allot.exceptions import ConfigError
 from allot.modules.base import check_layer_tensors
 from allot.modules.lowrank import LowRankLayer
 from allot.schemes.base import Scheme, check_int_field, register_scheme
-from allot.stats import LayerStats
+
+if TYPE_CHECKING:
+    from allot.profile.engine import LayerProfile
 
 
 def svd_factors(weight_2d: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -51,7 +53,11 @@ class LowRank(Scheme):
         return 32 * self.rank * (spec.out_features + spec.fan_in)
 
     def compress(
-        self, weight: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats | None = None
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        profile: LayerProfile | None = None,
     ) -> LowRankLayer:
         check_layer_tensors(spec, weight, bias)
         self.check(spec)

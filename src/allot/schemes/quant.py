@@ -9,7 +9,7 @@ Storage of a layer with `n = out * fan_in` weights and `G = out * fan_in / group
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -20,7 +20,9 @@ from allot.modules.base import check_layer_tensors
 from allot.modules.packing import packed_nbytes
 from allot.modules.quant import QuantizedLayer, group_count
 from allot.schemes.base import Scheme, check_int_field, register_scheme
-from allot.stats import LayerStats
+
+if TYPE_CHECKING:
+    from allot.profile.engine import LayerProfile
 
 MAX_BITS = 8
 
@@ -97,7 +99,11 @@ class Quant(Scheme):
         return 8 * packed_nbytes(spec.numel, self.bits) + 16 * tables * groups
 
     def compress(
-        self, weight: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats | None = None
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        profile: LayerProfile | None = None,
     ) -> QuantizedLayer:
         check_layer_tensors(spec, weight, bias)
         self.check(spec)

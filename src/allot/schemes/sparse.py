@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -19,7 +19,9 @@ from allot.modules.base import check_layer_tensors
 from allot.modules.packing import packed_nbytes
 from allot.modules.sparse import SparseLayer, index_bits
 from allot.schemes.base import Scheme, register_scheme
-from allot.stats import LayerStats
+
+if TYPE_CHECKING:
+    from allot.profile.engine import LayerProfile
 
 
 def top_magnitude_positions(weight: Tensor, count: int) -> Tensor:
@@ -51,7 +53,11 @@ class Sparse(Scheme):
         return 32 * k + 8 * packed_nbytes(k, index_bits(spec.numel))
 
     def compress(
-        self, weight: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats | None = None
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        profile: LayerProfile | None = None,
     ) -> SparseLayer:
         check_layer_tensors(spec, weight, bias)
         positions = top_magnitude_positions(weight, self.kept(spec))

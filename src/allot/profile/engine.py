@@ -1,0 +1,330 @@
+"""The profile of a model on calibration data: every per-layer statistic that error models and
+schemes ask for, computed on first use, kept in memory, and cached on disk.
+
+What a `Profile` offers, per compressible layer (all in the calibration loss's units, per weight
+unit where a derivative is taken):
+- `inputs(name)`: input second moments (`LayerStats`), one forward sweep for all layers;
+- `gradient(name)`: g_i, one forward+backward sweep for all layers;
+- `hessian_estimates()`: Hutchinson tr(H_ii) and diag(H_ii) of every layer from shared
+  full-model probes (one full HVP per probe serves every layer);
+- `eigenpairs()`: the extreme eigenpairs of every H_ii by Lanczos, run for all layers in lock
+  step (each iteration shares one forward and first backward);
+- `second_order(deltas)`: exact g.d + 1/2 d'H_ii d for any number of weight changes of any layers,
+  all sharing one forward and first backward per batch (one second backward per change).
+The model is profiled as given (fold BatchNorm first), in eval mode. `curvature.passes` counts the
+work in forward+backward sweeps over the calibration set.
+
+Cache keys cover the model's weights, the calibration batches, the loss, the layers and the
+settings, so a second run on the same inputs loads instead of recomputing (`allot.profile.cache`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, astuple, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from allot.discover import Layer
+from allot.exceptions import ConfigError
+from allot.profile.activations import input_statistics
+from allot.profile.cache import Cache, Fingerprint
+from allot.profile.damage import SecondOrder, second_order_terms
+from allot.profile.hutchinson import Estimate, hutchinson_blocks
+from allot.profile.hvp import Curvature, LossFn
+from allot.profile.lanczos import Lanczos, RitzPairs
+from allot.progress import progress_counter
+from allot.stats import LayerStats
+from allot.zoo.data import Batch
+
+_VERSION = "allot-profile-1"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How curvature is estimated; part of every cache key.
+
+    Hutchinson draws between `probes_min` and `probes_max` shared probes and stops once every
+    layer's trace has a standard error of at most `rel_tol` of its magnitude. Lanczos runs
+    `lanczos_iterations` iterations per layer and keeps the `eigenpairs` largest and smallest pairs
+    (the residual bound of each says how far it is from converged). `seed` seeds all probes.
+    """
+
+    probes_min: int = 8
+    probes_max: int = 32
+    rel_tol: float = 0.1
+    lanczos_iterations: int = 6
+    eigenpairs: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.probes_min <= self.probes_max:
+            raise ConfigError(
+                f"need 2 <= probes_min <= probes_max, got {self.probes_min} and {self.probes_max}"
+            )
+        if not 1 <= self.eigenpairs <= self.lanczos_iterations:
+            raise ConfigError(
+                f"need 1 <= eigenpairs <= lanczos_iterations, got {self.eigenpairs} and "
+                f"{self.lanczos_iterations}"
+            )
+
+
+class Profile:
+    """Lazily computed statistics of `model`'s `layers` on calibration `batches` under `loss_fn`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[Layer],
+        batches: Sequence[Batch],
+        loss_fn: LossFn,
+        *,
+        settings: Settings | None = None,
+        cache: Cache | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.names = [layer.name for layer in self.layers]
+        self.batches = list(batches)
+        self.loss_fn = loss_fn
+        self.settings = settings or Settings()
+        self.cache = cache or Cache(None)
+        self.progress = progress
+        self.curvature = Curvature(model, self.names, self.batches, loss_fn)
+        self._key: str | None = None
+        self._inputs: dict[str, LayerStats] | None = None
+        self._gradient: dict[str, Tensor] | None = None
+        self._estimates: dict[str, Estimate] | None = None
+        self._eigenpairs: dict[str, RitzPairs] | None = None
+
+    def layer(self, name: str) -> LayerProfile:
+        """A view of one layer's statistics (what schemes that fit to data receive)."""
+        if name not in self.names:
+            raise ConfigError(f"layer {name!r} is not profiled; profiled layers: {self.names}")
+        return LayerProfile(self, name)
+
+    def inputs(self, name: str) -> LayerStats:
+        """Input second moments of a layer (one forward sweep computes every layer's)."""
+        if self._inputs is None:
+            key = self._entry_key("inputs")
+            stored = self.cache.get(key)
+            if stored is None:
+                self._inputs = input_statistics(
+                    self.model, self.layers, self.batches, self.progress
+                )
+                self.cache.put(key, _pack_inputs(self._inputs))
+            else:
+                self._inputs = _unpack_inputs(stored, self.names)
+        return self._inputs[self.layer(name).name]
+
+    def gradient(self, name: str) -> Tensor:
+        """g_i = dL/dw_i of a layer (one forward+backward sweep computes every layer's)."""
+        if self._gradient is None:
+            key = self._entry_key("gradient")
+            stored = self.cache.get(key)
+            if stored is None:
+                stored = self.curvature.gradient()
+                self.cache.put(key, stored)
+            self._gradient = stored
+        return self._gradient[self.layer(name).name]
+
+    def hessian_estimates(self) -> dict[str, Estimate]:
+        """Hutchinson estimates of every layer's tr(H_ii) and diag(H_ii), from shared probes."""
+        if self._estimates is None:
+            key = self._entry_key("hutchinson", asdict(self.settings))
+            stored = self.cache.get(key)
+            if stored is None:
+                s = self.settings
+                with progress_counter("Hessian trace probes", self.progress, s.probes_max) as step:
+
+                    def matvec(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+                        step()
+                        return self.curvature.hvp(vectors)
+
+                    self._estimates = hutchinson_blocks(
+                        matvec,
+                        {name: self.curvature.shape(name) for name in self.names},
+                        s.probes_min,
+                        s.probes_max,
+                        s.rel_tol,
+                        torch.Generator().manual_seed(s.seed),
+                    )
+                self.cache.put(key, _pack_estimates(self._estimates))
+            else:
+                self._estimates = _unpack_estimates(stored, self.names)
+        return self._estimates
+
+    def eigenpairs(self) -> dict[str, RitzPairs]:
+        """Every layer's extreme Hessian eigenpairs: the `eigenpairs` largest, then the as many
+        smallest (most negative first: saddle directions), eigenvectors flattened like the weight."""
+        if self._eigenpairs is None:
+            key = self._entry_key("lanczos", asdict(self.settings))
+            stored = self.cache.get(key)
+            if stored is None:
+                self._eigenpairs = self._lanczos()
+                self.cache.put(key, _pack_pairs(self._eigenpairs))
+            else:
+                self._eigenpairs = _unpack_pairs(stored, self.names)
+        return self._eigenpairs
+
+    def second_order(self, deltas: dict[str, list[Tensor]]) -> dict[str, list[SecondOrder]]:
+        """Exact g_i.d + 1/2 d'H_ii d for each weight change d (weight-shaped) of each layer.
+
+        Costs one gradient sweep plus one second backward per nonzero change, all layers together
+        (an all-zero change, such as keeping the layer, has zero damage and costs nothing).
+        """
+        unknown = [name for name in deltas if name not in self.names]
+        if unknown:
+            raise ConfigError(f"layers {unknown} are not profiled; profiled layers: {self.names}")
+        fingerprint = Fingerprint()
+        for name, ds in deltas.items():
+            fingerprint.value(name)
+            for delta in ds:
+                fingerprint.tensor(delta)
+        key = self._entry_key("second-order", fingerprint.hexdigest())
+        stored = self.cache.get(key)
+        if stored is None:
+            nonzero = {name: [d for d in ds if bool(d.any())] for name, ds in deltas.items()}
+            steps = len(self.batches) * sum(len(ds) for ds in nonzero.values())
+            with progress_counter("exact second-order damage", self.progress, steps) as step:
+                self.curvature.on_step = step
+                try:
+                    products = {n: iter(p) for n, p in self.curvature.block_hvps(nonzero).items()}
+                finally:
+                    self.curvature.on_step = lambda: None
+            stored = {
+                f"{name}/{i}": torch.tensor(
+                    astuple(second_order_terms(self.gradient(name), d, next(products[name])))
+                    if d.any()
+                    else (0.0, 0.0),
+                    dtype=torch.float64,
+                )
+                for name in deltas
+                for i, d in enumerate(deltas[name])
+            }
+            self.cache.put(key, stored)
+        return {
+            name: [SecondOrder(*stored[f"{name}/{i}"].tolist()) for i in range(len(ds))]
+            for name, ds in deltas.items()
+        }
+
+    def _lanczos(self) -> dict[str, RitzPairs]:
+        s = self.settings
+        generator = torch.Generator().manual_seed(s.seed)
+        runs = {
+            name: Lanczos(self.curvature.shape(name).numel(), s.lanczos_iterations, generator)
+            for name in self.names
+        }
+        with progress_counter("Lanczos iterations", self.progress, s.lanczos_iterations) as step:
+            while active := [name for name, run in runs.items() if not run.done]:
+                queries = {
+                    name: [runs[name].query().view(self.curvature.shape(name))] for name in active
+                }
+                for name, (product,) in self.curvature.block_hvps(queries).items():
+                    runs[name].update(product.flatten())
+                step()
+        pairs = {}
+        for name, run in runs.items():
+            k = min(s.eigenpairs, run.m // 2) or 1
+            pairs[name] = run.pairs(k, "both" if run.m >= 2 * k else "largest")
+        return pairs
+
+    def _entry_key(self, kind: str, *settings: object) -> str:
+        if self._key is None:
+            self._key = (
+                Fingerprint()
+                .value(_VERSION)
+                .model(self.model)
+                .batches(self.batches)
+                .value(_loss_identity(self.loss_fn))
+                .value(self.names)
+                .hexdigest()
+            )
+        return Fingerprint().value([self._key, kind, *settings]).hexdigest()
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One layer's view of a `Profile`."""
+
+    profile: Profile
+    name: str
+
+    def inputs(self) -> LayerStats:
+        return self.profile.inputs(self.name)
+
+    def gradient(self) -> Tensor:
+        return self.profile.gradient(self.name)
+
+    def hessian_estimate(self) -> Estimate:
+        return self.profile.hessian_estimates()[self.name]
+
+    def eigenpairs(self) -> RitzPairs:
+        return self.profile.eigenpairs()[self.name]
+
+
+def _loss_identity(loss_fn: LossFn) -> str:
+    """A stable description of the loss for cache keys: its qualified name, and for a bound
+    method the repr of its owner (a task's dataclass repr lists its settings)."""
+    owner = getattr(loss_fn, "__self__", None)
+    name = f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}"
+    return f"{name} of {owner!r}" if owner is not None else name
+
+
+def _pack_inputs(stats: dict[str, LayerStats]) -> dict[str, Tensor]:
+    packed = {}
+    for name, entry in stats.items():
+        if entry.input_cov is not None:
+            packed[f"{name}/cov"] = entry.input_cov
+        packed[f"{name}/samples"] = torch.tensor([entry.samples])
+    return packed
+
+
+def _unpack_inputs(stored: dict[str, Tensor], names: list[str]) -> dict[str, LayerStats]:
+    return {
+        name: LayerStats(stored.get(f"{name}/cov"), int(stored[f"{name}/samples"]))
+        for name in names
+    }
+
+
+def _pack_estimates(estimates: dict[str, Estimate]) -> dict[str, Tensor]:
+    packed = {}
+    for name, e in estimates.items():
+        packed[f"{name}/scalars"] = torch.tensor(
+            [e.trace, e.trace_stderr, e.probes, float(e.converged)], dtype=torch.float64
+        )
+        packed[f"{name}/diagonal"] = e.diagonal
+        packed[f"{name}/diagonal_stderr"] = e.diagonal_stderr
+    return packed
+
+
+def _unpack_estimates(stored: dict[str, Tensor], names: list[str]) -> dict[str, Estimate]:
+    estimates = {}
+    for name in names:
+        trace, stderr, probes, converged = stored[f"{name}/scalars"].tolist()
+        estimates[name] = Estimate(
+            trace=trace,
+            trace_stderr=stderr,
+            diagonal=stored[f"{name}/diagonal"],
+            diagonal_stderr=stored[f"{name}/diagonal_stderr"],
+            probes=int(probes),
+            converged=bool(converged),
+        )
+    return estimates
+
+
+def _pack_pairs(pairs: dict[str, RitzPairs]) -> dict[str, Tensor]:
+    return {
+        f"{name}/{field}": getattr(p, field)
+        for name, p in pairs.items()
+        for field in ("values", "vectors", "residuals")
+    }
+
+
+def _unpack_pairs(stored: dict[str, Tensor], names: list[str]) -> dict[str, RitzPairs]:
+    return {
+        name: RitzPairs(*(stored[f"{name}/{f}"] for f in ("values", "vectors", "residuals")))
+        for name in names
+    }

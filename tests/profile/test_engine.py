@@ -1,0 +1,154 @@
+"""The Profile engine against exact float64 quantities, and its cache."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_hvp import blocks, exact, setup
+from torch import nn
+
+from allot.discover import discover
+from allot.exceptions import ConfigError
+from allot.profile.cache import Cache
+from allot.profile.engine import Profile, Settings
+from allot.profile.measure import loss_change
+
+
+def make_profile(kind: str, cache: Cache | None = None, **settings) -> tuple[Profile, nn.Module]:
+    model, names, batches = setup(kind)
+    layers = [layer for layer in discover(model).layers if layer.name in names]
+    profile = Profile(
+        model,
+        layers,
+        batches,
+        F.cross_entropy,
+        settings=Settings(**settings),
+        cache=cache,
+        progress=False,
+    )
+    return profile, model
+
+
+def test_second_order_is_exact_and_skips_zero_changes() -> None:
+    profile, model = make_profile("conv2d")
+    gradient, hessian = exact(model, profile.names, profile.batches)
+    deltas = {
+        name: [1e-2 * torch.randn_like(model.get_submodule(name).weight) for _ in range(2)]
+        for name in profile.names
+    }
+    deltas[profile.names[1]].append(torch.zeros_like(model.get_submodule(profile.names[1]).weight))
+    terms = profile.second_order(deltas)
+    assert profile.curvature.passes.second_backward_sweeps == 4  # the zero change costs nothing
+    for name, block in zip(profile.names, blocks(model, profile.names), strict=True):
+        for delta, term in zip(deltas[name], terms[name], strict=True):
+            d = delta.flatten()
+            assert term.linear == pytest.approx(float(gradient[block] @ d), rel=1e-9, abs=1e-15)
+            expected = 0.5 * float(d @ hessian[block, block] @ d)
+            assert term.quadratic == pytest.approx(expected, rel=1e-6, abs=1e-15)
+    assert terms[profile.names[1]][-1].total == 0.0
+
+
+def test_second_order_predicts_the_measured_loss_change_of_small_perturbations() -> None:
+    profile, model = make_profile("mlp")
+    name = profile.names[0]
+    delta = 1e-3 * torch.randn_like(model.get_submodule(name).weight)
+    predicted = profile.second_order({name: [delta]})[name][0]
+    measured = loss_change(model, {name: delta}, profile.batches, F.cross_entropy)
+    # The error of a second-order expansion is third order: far below the quadratic term here.
+    assert measured == pytest.approx(predicted.total, rel=1e-3)
+    assert abs(measured - predicted.linear) > 10 * abs(measured - predicted.total)
+
+
+def test_traces_from_shared_probes_are_within_three_standard_errors() -> None:
+    profile, model = make_profile("conv1d", probes_min=200, probes_max=200)
+    _, hessian = exact(model, profile.names, profile.batches)
+    estimates = profile.hessian_estimates()
+    assert profile.curvature.passes.second_backward_sweeps == 200  # one full HVP per probe
+    for name, block in zip(profile.names, blocks(model, profile.names), strict=True):
+        exact_trace = float(hessian[block, block].trace())
+        assert estimates[name].probes == 200
+        assert abs(estimates[name].trace - exact_trace) <= 3 * estimates[name].trace_stderr
+
+
+def test_lanczos_in_lock_step_finds_every_blocks_extreme_eigenvalues() -> None:
+    profile, model = make_profile("mlp", lanczos_iterations=30, eigenpairs=2)
+    _, hessian = exact(model, profile.names, profile.batches)
+    pairs = profile.eigenpairs()
+    for name, block in zip(profile.names, blocks(model, profile.names), strict=True):
+        eig = np.linalg.eigh(hessian[block, block].numpy())[0]
+        expected = np.r_[eig[-2:][::-1], eig[:2][::-1]]
+        np.testing.assert_allclose(pairs[name].values.numpy(), expected, atol=1e-6 * abs(eig).max())
+        assert float(pairs[name].residuals.max()) <= 1e-6 * abs(eig).max()
+
+
+def test_a_second_profile_loads_everything_from_the_cache(tmp_path) -> None:
+    first, model = make_profile("conv2d", cache=Cache(tmp_path), probes_max=8)
+    deltas = {first.names[0]: [torch.randn_like(model.get_submodule(first.names[0]).weight)]}
+    results = [
+        first.inputs(first.names[0]).input_cov,
+        first.gradient(first.names[1]),
+        first.hessian_estimates()[first.names[1]].trace,
+        first.eigenpairs()[first.names[0]].values,
+        first.second_order(deltas)[first.names[0]][0],
+    ]
+    second = Profile(
+        model,
+        first.layers,
+        first.batches,
+        F.cross_entropy,
+        settings=first.settings,
+        cache=Cache(tmp_path),
+        progress=False,
+    )
+    again = [
+        second.inputs(first.names[0]).input_cov,
+        second.gradient(first.names[1]),
+        second.hessian_estimates()[first.names[1]].trace,
+        second.eigenpairs()[first.names[0]].values,
+        second.second_order(deltas)[first.names[0]][0],
+    ]
+    assert second.curvature.passes.fb_equivalents == 0
+    for a, b in zip(results, again, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_the_cache_key_changes_with_the_weights_data_and_settings(tmp_path) -> None:
+    profile, model = make_profile("mlp", cache=Cache(tmp_path))
+    profile.gradient(profile.names[0])
+    with torch.no_grad():
+        model.get_submodule(profile.names[0]).weight[0, 0] += 1e-3
+    changed = Profile(
+        model, profile.layers, profile.batches, F.cross_entropy, cache=Cache(tmp_path)
+    )
+    changed.gradient(profile.names[0])
+    assert changed.curvature.passes.gradient_sweeps == 1  # recomputed, not loaded
+    fewer = Profile(
+        model, profile.layers, profile.batches[:2], F.cross_entropy, cache=Cache(tmp_path)
+    )
+    fewer.gradient(profile.names[0])
+    assert fewer.curvature.passes.gradient_sweeps == 1
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 3
+
+
+def test_an_unreadable_cache_entry_is_recomputed_with_a_warning(tmp_path) -> None:
+    profile, _ = make_profile("mlp", cache=Cache(tmp_path))
+    expected = profile.gradient(profile.names[0])
+    (entry,) = tmp_path.rglob("*.safetensors")
+    entry.write_bytes(b"torn")
+    again = Profile(
+        profile.model, profile.layers, profile.batches, F.cross_entropy, cache=Cache(tmp_path)
+    )
+    with pytest.warns(UserWarning, match="unreadable"):
+        torch.testing.assert_close(again.gradient(profile.names[0]), expected)
+
+
+def test_unknown_layers_and_bad_settings_are_refused() -> None:
+    profile, _ = make_profile("mlp")
+    with pytest.raises(ConfigError, match="not profiled"):
+        profile.layer("nope")
+    with pytest.raises(ConfigError, match="not profiled"):
+        profile.second_order({"nope": [torch.zeros(1)]})
+    with pytest.raises(ConfigError, match="probes_min"):
+        Settings(probes_min=1)
+    with pytest.raises(ConfigError, match="eigenpairs"):
+        Settings(eigenpairs=5, lanczos_iterations=4)

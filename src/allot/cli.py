@@ -172,26 +172,46 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         work,
         discovery,
         dataset,
-        settings=Settings(probes_max=args.probes, lanczos_iterations=args.lanczos, seed=args.seed),
+        settings=Settings(
+            probes_min=min(8, args.probes),
+            probes_max=args.probes,
+            lanczos_iterations=args.lanczos,
+            seed=args.seed,
+        ),
         cache=_cache(args),
         progress=not args.no_progress,
     )
     result = analyze(profile, method.grid, args.error_model, not args.no_progress)
-    labels = list(dict.fromkeys(k for row in result.layers for k in row.candidates))
-    shown = Table(title=f"{args.model}: sensitivity ({args.error_model} error model)")
-    for column in ("layer", "weights", "|g|", "trace", "top eig", "min eig", *labels):
-        shown.add_column(column, justify="left" if column == "layer" else "right")
+    curvature = Table(title=f"{args.model}: curvature of the calibration loss per layer")
+    for column in ("layer", "weights", "|g|", "trace", "± se", "top eig", "min eig"):
+        curvature.add_column(column, justify="left" if column == "layer" else "right")
     for row in result.layers:
-        shown.add_row(
+        curvature.add_row(
             row.name + (" (saddle)" if row.saddle else ""),
             f"{row.weights:,}",
-            f"{row.gradient_norm:.3g}",
-            f"{row.trace:.3g}",
-            f"{row.top_eigenvalue:.3g}",
-            f"{row.bottom_eigenvalue:.3g}",
-            *(f"{row.candidates[k][1]:.3g}" if k in row.candidates else "" for k in labels),
+            *(
+                f"{value:.3g}"
+                for value in (
+                    row.gradient_norm,
+                    row.trace,
+                    row.trace_stderr,
+                    row.top_eigenvalue,
+                    row.bottom_eigenvalue,
+                )
+            ),
         )
-    console.print(shown)
+    console.print(curvature)
+    labels = list(dict.fromkeys(k for row in result.layers for k in row.candidates))
+    damage = Table(title=f"predicted damage per candidate ({args.error_model} error model)")
+    damage.add_column("layer")
+    for label in labels:
+        damage.add_column(label.replace("quant", "q"), justify="right")
+    for row in result.layers:
+        damage.add_row(
+            row.name,
+            *(f"{row.candidates[k][1]:.1e}" if k in row.candidates else "" for k in labels),
+        )
+    console.print(damage)
     console.print(
         f"cost: {result.fb_equivalents} forward+backward equivalents over "
         f"{len(dataset.calibration)} calibration samples, {result.seconds:.1f} s"

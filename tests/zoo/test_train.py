@@ -60,7 +60,6 @@ def test_training_learns_and_reports_test_metrics() -> None:
     assert differs(model, untrained)
     assert set(metrics) == {"accuracy", "loss", "epochs", "train_seconds"}
     assert metrics["epochs"] == MODELS["test-cnn"].recipe.epochs
-    assert metrics["train_seconds"] > 0
     dataset = get_dataset("digits")
     assert metrics["accuracy"] == dataset.task.evaluate(model, dataset)["accuracy"]
     assert metrics["accuracy"] > 0.5  # chance is 0.1

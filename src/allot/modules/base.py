@@ -8,6 +8,8 @@ scheme promises are the bytes a saved artifact really takes.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import Tensor, nn
 
@@ -43,7 +45,7 @@ def stored_copy(tensor: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return tensor.detach().to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
 
 
-class CompressedLayer(nn.Module):
+class CompressedLayer(nn.Module, abc.ABC):
     """A layer that stores its weight in compressed form and rebuilds it on the fly.
 
     Subclasses register their stored tensors (buffers or parameters) and implement `reconstruct`.
@@ -62,16 +64,18 @@ class CompressedLayer(nn.Module):
         else:
             self.bias = nn.Parameter(stored_copy(bias))
 
+    @abc.abstractmethod
     def reconstruct(self) -> Tensor:
         """The dense float32 weight of shape `spec.weight_shape` that this layer stands for."""
-        raise NotImplementedError
+        ...
 
     def forward(self, x: Tensor) -> Tensor:
         return self.spec.forward(x, self.reconstruct(), self.bias)
 
+    @abc.abstractmethod
     def weight_parameter_count(self) -> int:
         """How many numbers define the weight (see `parameter_count`)."""
-        raise NotImplementedError
+        ...
 
     def parameter_count(self) -> int:
         """How many numbers the layer stores, bias included: packed codes count one per weight they

@@ -15,6 +15,7 @@ A scheme is a frozen dataclass registered by its `kind`. It knows:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -38,15 +39,17 @@ def register_scheme(cls: type[Scheme]) -> type[Scheme]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Scheme:
+class Scheme(abc.ABC):
     """Base of all schemes. Subclasses are frozen dataclasses whose fields are their parameters."""
 
     kind: ClassVar[str] = ""
 
+    @abc.abstractmethod
     def storage_bits(self, spec: LayerSpec) -> int:
         """Bits the compressed weight of a layer with this spec occupies on disk."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def compress(
         self,
         weight: Tensor,
@@ -55,14 +58,17 @@ class Scheme:
         profile: LayerProfile | None = None,
     ) -> nn.Module:
         """Fit to `weight` (shape `spec.weight_shape`) and return the compressed module."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def empty(self, spec: LayerSpec) -> nn.Module:
         """The compressed module's structure, storage uninitialised, for loading a state dict."""
-        raise NotImplementedError
+        ...
 
     def check(self, spec: LayerSpec) -> None:
-        """Raise `ConfigError` when the scheme cannot apply to a layer with this spec."""
+        """Raise `ConfigError` when the scheme cannot apply to a layer with this spec (by default
+        every layer fits)."""
+        return None
 
     def label(self) -> str:
         """Short human-readable name, e.g. `quant4`, `rank12`, `sparse0.05`, `keep`."""
@@ -73,10 +79,11 @@ class Scheme:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
     @classmethod
+    @abc.abstractmethod
     def parse_args(cls, args: list[str]) -> Scheme:
         """Build from the colon-separated arguments of the string form
         (`quant:4:g64` -> ['4', 'g64'])."""
-        raise NotImplementedError
+        ...
 
 
 def scheme_from_json(data: Any, where: str = "scheme") -> Scheme:

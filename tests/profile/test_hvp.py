@@ -27,6 +27,19 @@ MODELS = {
         lambda: nn.Sequential(nn.Conv2d(2, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)),
         (2, 4, 4),
         ["0", "3"],
+    ),  # two convolutions in a row (the split graph of allot.profile.convolution between them), with
+    # a stride that rounds (output padding), groups, dilation and biases; the linear head is fixed
+    "convnet": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(36, 3),
+        ),
+        (2, 6, 6),
+        ["0", "2"],
     ),
 }
 

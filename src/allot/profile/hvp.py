@@ -18,13 +18,14 @@ behind. Results assume the weights do not change while a `Curvature` is in use.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from allot.exceptions import ConfigError, DataError
+from allot.profile.convolution import split_convolutions
 from allot.zoo.data import Batch, forward
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -201,10 +202,13 @@ class Curvature:
     ) -> Iterator[tuple[int, tuple[Tensor, ...]]]:
         """Per batch: its sample count n_b and the gradient of its mean loss w.r.t. `params`."""
         for inputs, targets in self.batches:
-            loss = self.loss_fn(forward(self.model, inputs), targets)
-            grads = torch.autograd.grad(
-                loss, params, create_graph=create_graph, materialize_grads=True
-            )
+            # the graph of a gradient is built for a second backward, which split convolutions
+            # run without PyTorch's unneeded weight-gradient convolutions
+            with split_convolutions(self.model) if create_graph else nullcontext():
+                loss = self.loss_fn(forward(self.model, inputs), targets)
+                grads = torch.autograd.grad(
+                    loss, params, create_graph=create_graph, materialize_grads=True
+                )
             yield int(targets.shape[0]), grads
 
     @contextmanager

@@ -76,7 +76,8 @@ def run(model_name: str, calibration: int, seed: int, probes: int) -> dict:
     costs = {}
     _, costs["input statistics"] = timed(lambda: profile.inputs(discovery.layers[0].name))
     _, costs["gradient"] = timed(lambda: profile.gradient(discovery.layers[0].name))
-    _, costs["Hutchinson trace+diagonal"] = timed(profile.hessian_estimates)
+    _, costs["Lanczos iterations"] = timed(profile.eigenpairs)
+    _, costs["deflated Hutchinson trace+diagonal"] = timed(profile.hessian_estimates)
     predictions = {}
     for name in MODELS:
         damages, seconds = timed(lambda name=name: ERROR_MODELS[name].damages(deltas, profile))
@@ -113,6 +114,7 @@ def run(model_name: str, calibration: int, seed: int, probes: int) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "hutchinson_probes": max(e.probes for e in estimates.values()),
+        "lanczos_iterations": settings.lanczos_iterations,
         "hutchinson_max_rel_stderr": max(
             e.trace_stderr / abs(e.trace) for e in estimates.values() if e.trace
         ),
@@ -161,7 +163,8 @@ def markdown(r: dict, command: str) -> str:
         ),
         f"| **full profile** | {total:.1f} | {total / r['fb_seconds']:.0f} |",
         "",
-        f"Hutchinson: {r['hutchinson_probes']} shared probes, largest relative standard error of "
+        f"Hutchinson: {r['hutchinson_probes']} shared probes deflated by "
+        f"{r['lanczos_iterations']} Lanczos iterations per layer, largest relative standard error of "
         f"a layer trace {r['hutchinson_max_rel_stderr']:.2f}.",
         "",
         f"![scatter]({r['model']}-profile.png)",

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from allot.exceptions import ConfigError
 from allot.profile.hutchinson import hutchinson, hutchinson_blocks
 from allot.profile.hvp import Curvature
+from allot.profile.lanczos import Krylov, Lanczos
 
 
 def symmetric(n: int, seed: int) -> Tensor:
@@ -229,3 +230,76 @@ def test_blocks_reject_no_blocks_and_missing_products() -> None:
         hutchinson_blocks(lambda z: z, {})
     with pytest.raises(ConfigError, match="'b'"):
         hutchinson_blocks(lambda z: {"a": z["a"]}, {"a": (2,), "b": (3,)})
+
+
+def krylov_of(a: Tensor, iterations: int, seed: int) -> Krylov:
+    run = Lanczos(a.shape[0], iterations, torch.Generator().manual_seed(seed))
+    while not run.done:
+        run.update(a @ run.query())
+    return run.krylov()
+
+
+def outliers(n: int, seed: int) -> Tensor:
+    """A symmetric matrix whose spectrum is a few large outliers over a small bulk, like a
+    classifier's Hessian."""
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    values = torch.rand(n, dtype=torch.float64, generator=generator) * 0.2
+    values[:3] = torch.tensor([40.0, 25.0, 15.0])
+    return q @ torch.diag(values) @ q.T
+
+
+def test_deflation_by_a_krylov_space_is_unbiased_and_cuts_the_error() -> None:
+    shapes = {"a": (6, 5)}
+    a = outliers(30, seed=3)
+    plain, deflated = (
+        hutchinson_blocks(
+            block_matvec(a, shapes),
+            shapes,
+            400,
+            400,
+            0.0,
+            torch.Generator().manual_seed(1),
+            deflation={"a": krylov_of(a, 6, seed=0)} if deflate else None,
+        )["a"]
+        for deflate in (False, True)
+    )
+    for estimate in (plain, deflated):
+        assert abs(estimate.trace - float(a.trace())) <= 3 * estimate.trace_stderr
+        error = (estimate.diagonal.flatten() - a.diagonal()).abs()
+        assert (error <= 4.5 * estimate.diagonal_stderr.flatten()).all()
+    assert deflated.trace_stderr < plain.trace_stderr / 10
+    assert deflated.diagonal_stderr.mean() < plain.diagonal_stderr.mean() / 3
+
+
+def test_a_krylov_space_spanning_the_block_makes_it_exact() -> None:
+    shapes = {"a": (2, 3), "b": (4,)}
+    a = coupled(seed=5)[:10, :10]
+    exact_block = a[:6, :6]
+    estimates = hutchinson_blocks(
+        block_matvec(a, shapes),
+        shapes,
+        50,
+        50,
+        0.0,
+        torch.Generator().manual_seed(0),
+        deflation={"a": krylov_of(exact_block, 6, seed=0)},
+    )
+    assert estimates["a"].trace == pytest.approx(float(exact_block.trace()), rel=1e-10)
+    assert estimates["a"].trace_stderr == pytest.approx(0.0, abs=1e-9)
+    # the diagonal still sees the coupling to the undeflated block b, which averages out
+    error = (estimates["a"].diagonal.flatten() - exact_block.diagonal()).abs()
+    assert (error <= 4.5 * estimates["a"].diagonal_stderr.flatten()).all()
+    assert estimates["b"].trace_stderr > 0  # undeflated blocks are estimated as before
+
+
+def test_a_deflation_basis_of_the_wrong_size_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="deflation basis"):
+        hutchinson_blocks(
+            lambda z: z,
+            {"a": (3,)},
+            2,
+            2,
+            0.0,
+            deflation={"a": krylov_of(torch.eye(4, dtype=torch.float64), 2, 0)},
+        )

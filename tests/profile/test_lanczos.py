@@ -124,3 +124,35 @@ def test_runs_driven_in_lock_step_equal_separate_runs() -> None:
 def test_bad_settings_are_rejected(k: int, iterations: int, which: str) -> None:
     with pytest.raises(ConfigError):
         lanczos(lambda v: v, 5, k, iterations, which)  # type: ignore[arg-type]
+
+
+def test_krylov_gives_the_exact_products_of_its_ritz_vectors() -> None:
+    a = with_spectrum([9.0, 7.0, -5.0] + [0.1 * i for i in range(17)], seed=6)
+    run = Lanczos(20, 5, torch.Generator().manual_seed(0))
+    while not run.done:
+        run.update(a @ run.query())
+    krylov = run.krylov()
+    v = krylov.vectors
+    assert v.shape == (20, 5) and not krylov.next.eq(0).all()
+    torch.testing.assert_close(v.T @ v, torch.eye(5, dtype=torch.float64))
+    torch.testing.assert_close(v.T @ krylov.next, torch.zeros(5, dtype=torch.float64))
+    # A V = V diag(values) + next coefficients', so tr(V'AV) and diag(A V V') need no products
+    torch.testing.assert_close(
+        a @ v, v * krylov.values + torch.outer(krylov.next, krylov.coefficients)
+    )
+    assert krylov.trace() == pytest.approx(float((v.T @ a @ v).trace()), rel=1e-12)
+    torch.testing.assert_close(krylov.diagonal(), (a @ v @ v.T).diagonal())
+    x = torch.randn(20, dtype=torch.float64)
+    torch.testing.assert_close(krylov.deflate(x), x - v @ (v.T @ x))
+    assert torch.equal(run.pairs(2, "both").values, krylov.values[[0, 1, 3, 4]])
+
+
+def test_an_invariant_krylov_space_has_no_residual_direction() -> None:
+    a = with_spectrum([3.0, 2.0, 1.0, -1.0], seed=2)
+    run = Lanczos(4, 4, torch.Generator().manual_seed(0))
+    while not run.done:
+        run.update(a @ run.query())
+    krylov = run.krylov()
+    assert krylov.next.eq(0).all()
+    torch.testing.assert_close(krylov.diagonal(), a.diagonal())
+    assert krylov.trace() == pytest.approx(5.0, rel=1e-12)

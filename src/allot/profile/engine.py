@@ -5,10 +5,11 @@ What a `Profile` offers, per compressible layer (all in the calibration loss's u
 unit where a derivative is taken):
 - `inputs(name)`: input second moments (`LayerStats`), one forward sweep for all layers;
 - `gradient(name)`: g_i, one forward+backward sweep for all layers;
-- `hessian_estimates()`: Hutchinson tr(H_ii) and diag(H_ii) of every layer from shared
-  full-model probes (one full HVP per probe serves every layer);
 - `eigenpairs()`: the extreme eigenpairs of every H_ii by Lanczos, run for all layers in lock
   step (each iteration shares one forward and first backward);
+- `hessian_estimates()`: Hutchinson tr(H_ii) and diag(H_ii) of every layer from shared
+  full-model probes (one full HVP per probe serves every layer), deflated by the same Lanczos
+  runs: their Krylov space's part is exact, and the probes estimate only the rest;
 - `second_order(deltas)`: exact g.d + 1/2 d'H_ii d for any number of weight changes of any layers,
   all sharing one forward and first backward per batch (one second backward per change).
 The model is profiled as given (fold BatchNorm first), in eval mode. `curvature.passes` counts the
@@ -33,12 +34,12 @@ from allot.profile.cache import Cache, Fingerprint
 from allot.profile.damage import SecondOrder, second_order_terms
 from allot.profile.hutchinson import Estimate, hutchinson_blocks
 from allot.profile.hvp import Curvature, LossFn
-from allot.profile.lanczos import Lanczos, RitzPairs
+from allot.profile.lanczos import Krylov, Lanczos, RitzPairs
 from allot.progress import progress_counter
 from allot.stats import LayerStats
 from allot.zoo.data import Batch
 
-_VERSION = "allot-profile-1"
+_VERSION = "allot-profile-2"
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Profile:
         self._gradient: dict[str, Tensor] | None = None
         self._estimates: dict[str, Estimate] | None = None
         self._eigenpairs: dict[str, RitzPairs] | None = None
+        self._krylov_runs: dict[str, Krylov] | None = None
 
     def layer(self, name: str) -> LayerProfile:
         """A view of one layer's statistics (what schemes that fit to data receive)."""
@@ -131,7 +133,8 @@ class Profile:
         return self._gradient[self.layer(name).name]
 
     def hessian_estimates(self) -> dict[str, Estimate]:
-        """Hutchinson estimates of every layer's tr(H_ii) and diag(H_ii), from shared probes."""
+        """Hutchinson estimates of every layer's tr(H_ii) and diag(H_ii), from shared probes
+        deflated by each layer's Lanczos space (so this runs the Lanczos iterations first)."""
         if self._estimates is None:
             key = self._entry_key("hutchinson", asdict(self.settings))
             stored = self.cache.get(key)
@@ -149,7 +152,8 @@ class Profile:
                         s.probes_min,
                         s.probes_max,
                         s.rel_tol,
-                        torch.Generator().manual_seed(s.seed),
+                        torch.Generator().manual_seed(s.seed + 1),
+                        deflation=self._krylov(),
                     )
                 self.cache.put(key, _pack_estimates(self._estimates))
             else:
@@ -163,7 +167,11 @@ class Profile:
             key = self._entry_key("lanczos", asdict(self.settings))
             stored = self.cache.get(key)
             if stored is None:
-                self._eigenpairs = self._lanczos()
+                k = self.settings.eigenpairs
+                self._eigenpairs = {
+                    name: krylov.pairs(k, "both" if len(krylov.values) >= 2 * k else "largest")
+                    for name, krylov in self._krylov().items()
+                }
                 self.cache.put(key, _pack_pairs(self._eigenpairs))
             else:
                 self._eigenpairs = _unpack_pairs(stored, self.names)
@@ -210,26 +218,29 @@ class Profile:
             for name, ds in deltas.items()
         }
 
-    def _lanczos(self) -> dict[str, RitzPairs]:
-        s = self.settings
-        generator = torch.Generator().manual_seed(s.seed)
-        runs = {
-            name: Lanczos(self.curvature.shape(name).numel(), s.lanczos_iterations, generator)
-            for name in self.names
-        }
-        with progress_counter("Lanczos iterations", self.progress, s.lanczos_iterations) as step:
-            while active := [name for name, run in runs.items() if not run.done]:
-                queries = {
-                    name: [runs[name].query().view(self.curvature.shape(name))] for name in active
-                }
-                for name, (product,) in self.curvature.block_hvps(queries).items():
-                    runs[name].update(product.flatten())
-                step()
-        pairs = {}
-        for name, run in runs.items():
-            k = min(s.eigenpairs, run.m // 2) or 1
-            pairs[name] = run.pairs(k, "both" if run.m >= 2 * k else "largest")
-        return pairs
+    def _krylov(self) -> dict[str, Krylov]:
+        """Every layer's Lanczos run, in lock step (each iteration shares one forward and first
+        backward); kept in memory only, as it holds `lanczos_iterations` vectors per weight."""
+        if self._krylov_runs is None:
+            s = self.settings
+            generator = torch.Generator().manual_seed(s.seed)
+            runs = {
+                name: Lanczos(self.curvature.shape(name).numel(), s.lanczos_iterations, generator)
+                for name in self.names
+            }
+            with progress_counter(
+                "Lanczos iterations", self.progress, s.lanczos_iterations
+            ) as step:
+                while active := [name for name, run in runs.items() if not run.done]:
+                    queries = {
+                        name: [runs[name].query().view(self.curvature.shape(name))]
+                        for name in active
+                    }
+                    for name, (product,) in self.curvature.block_hvps(queries).items():
+                        runs[name].update(product.flatten())
+                    step()
+            self._krylov_runs = {name: run.krylov() for name, run in runs.items()}
+        return self._krylov_runs
 
     def _entry_key(self, kind: str, *settings: object) -> str:
         if self._key is None:

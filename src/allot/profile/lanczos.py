@@ -76,35 +76,77 @@ class Lanczos:
         invariant = norm <= _BREAKDOWN * self._scale
         if not invariant:
             self._beta[j] = norm
-        if self.done:
-            return
-        if invariant:
-            self._q = _random_orthogonal(self.n, self._basis[: j + 1], self._generator)
-        else:
             self._q = w / norm
+        elif not self.done:
+            self._q = _random_orthogonal(self.n, self._basis[: j + 1], self._generator)
+
+    def krylov(self) -> Krylov:
+        """Every Ritz pair of the iterations done so far, with the residual direction."""
+        m = self._steps
+        if m == 0:
+            raise ConfigError("no Lanczos iteration has been done yet")
+        beta = self._beta[: m - 1]
+        tridiagonal = torch.diag(self._alpha[:m]) + torch.diag(beta, 1) + torch.diag(beta, -1)
+        values, vectors = torch.linalg.eigh(tridiagonal)  # ascending
+        order = torch.arange(m - 1, -1, -1)
+        return Krylov(
+            values=values[order],
+            vectors=self._basis[:m].T @ vectors[:, order],
+            coefficients=self._beta[m - 1] * vectors[m - 1, order],
+            next=self._q if self._beta[m - 1] > 0 else torch.zeros(self.n, dtype=torch.float64),
+        )
+
+    def pairs(self, k: int, which: Which = "largest") -> RitzPairs:
+        """The k extreme Ritz pairs (`which`: largest, smallest, or both: up to 2k pairs)."""
+        return self.krylov().pairs(k, which)
+
+
+@dataclass(frozen=True)
+class Krylov:
+    """All m Ritz pairs of a Lanczos run and what they give exactly: with V the Ritz vectors
+    (n, m, orthonormal columns), A V = V diag(values) + next coefficients', where `next` is the
+    unit residual direction orthogonal to V (zero once the Krylov space is invariant).
+
+    So V'AV = diag(values), and for the projector P = V V' the parts tr(P A P) = sum(values) and
+    diag(A P) are known without further products: deflated Hutchinson estimates only the rest.
+    """
+
+    values: Tensor
+    vectors: Tensor
+    coefficients: Tensor
+    next: Tensor
 
     def pairs(self, k: int, which: Which = "largest") -> RitzPairs:
         """The k extreme Ritz pairs (`which`: largest, smallest, or both: up to 2k pairs)."""
         if which not in ("largest", "smallest", "both"):
             raise ConfigError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
-        m = self._steps
+        m = len(self.values)
         if not 1 <= k <= m:
             raise ConfigError(f"k must be between 1 and the {m} iterations done, got {k}")
-        beta = self._beta[: m - 1]
-        tridiagonal = torch.diag(self._alpha[:m]) + torch.diag(beta, 1) + torch.diag(beta, -1)
-        values, vectors = torch.linalg.eigh(tridiagonal)  # ascending
         if which == "largest":
-            index = torch.arange(m - k, m)
-        elif which == "smallest":
             index = torch.arange(0, k)
+        elif which == "smallest":
+            index = torch.arange(m - k, m)
         else:
-            index = torch.cat([torch.arange(0, k), torch.arange(max(k, m - k), m)])
-        index = index.flip(0)
+            index = torch.cat([torch.arange(0, min(k, m - k)), torch.arange(m - k, m)])
         return RitzPairs(
-            values=values[index],
-            vectors=self._basis[:m].T @ vectors[:, index],
-            residuals=(self._beta[m - 1] * vectors[m - 1, index]).abs(),
+            values=self.values[index],
+            vectors=self.vectors[:, index],
+            residuals=self.coefficients[index].abs(),
         )
+
+    def deflate(self, x: Tensor) -> Tensor:
+        """(I - P) x for a flat float64 x of length n."""
+        return x - self.vectors @ (self.vectors.T @ x)
+
+    def trace(self) -> float:
+        """tr(P A P) = tr(V'AV), the part of tr(A) inside the Krylov space."""
+        return float(self.values.sum())
+
+    def diagonal(self) -> Tensor:
+        """diag(A P) = sum_k (A v_k) * v_k, shape (n,)."""
+        products = self.vectors * self.values + self.next[:, None] * self.coefficients
+        return (products * self.vectors).sum(1)
 
 
 def lanczos(

@@ -11,6 +11,8 @@ damages are only comparable within one model:
   Hessian-vector product per candidate (nats for cross-entropy).
 - `trace`: g.d + 1/2 tr(H_ii)/n_i |d|^2, H_ii replaced by its mean eigenvalue (Hutchinson).
 - `diagonal`: g.d + 1/2 sum_j diag(H_ii)_j d_j^2, H_ii replaced by its diagonal (Hutchinson).
+- `hawq`: HAWQ-V2's sensitivity Omega = tr(H_ii)/n_i |d|^2 (Hutchinson trace, no gradient term,
+  no factor 1/2: as published, Dong et al. 2020).
 Later models (the ALDS bound) register here the same way.
 """
 
@@ -69,6 +71,10 @@ def _trace(delta: Tensor, layer: LayerProfile) -> float:
     return _linear(delta, layer) + trace_damage(trace, delta.numel(), delta)
 
 
+def _hawq(delta: Tensor, layer: LayerProfile) -> float:
+    return 2 * trace_damage(layer.hessian_estimate().trace, delta.numel(), delta)
+
+
 def _diagonal(delta: Tensor, layer: LayerProfile) -> float:
     return _linear(delta, layer) + diagonal_damage(layer.hessian_estimate().diagonal, delta)
 
@@ -91,6 +97,7 @@ ERROR_MODELS: dict[str, ErrorModel] = {
         ErrorModel(
             "diagonal", per_perturbation(_diagonal), "g.d + 1/2 sum diag(H) d^2 (Hutchinson)"
         ),
+        ErrorModel("hawq", per_perturbation(_hawq), "HAWQ-V2: tr(H)/n |d|^2 (Hutchinson)"),
     )
 }
 

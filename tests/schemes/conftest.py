@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from allot.discover import LayerSpec
+from allot.discover import LayerSpec, discover
+from allot.profile.engine import LayerProfile, Profile, Settings
 
 # Group size 4 divides every fan-in here (20, 32, 12, 36, 12); only 32 is a multiple of 8.
 SPECS = {
@@ -29,6 +30,61 @@ class LayerCase:
     weight: Tensor
     bias: Tensor | None
     x: Tensor
+    seed: int = 0
+
+    @property
+    def profile(self) -> LayerProfile:
+        """The layer's calibration profile, for schemes that fit to data: the layer alone, on
+        its input batch, under the squared distance of its outputs to fixed random targets
+        (built once per spec and seed, as the case's tensors are)."""
+        key = (self.spec, self.seed)
+        if key not in _PROFILES:
+            module = float_module(self.spec, self.weight, self.bias)
+            with torch.no_grad():
+                outputs = module(self.x)
+            targets = outputs + torch.randn(
+                outputs.shape, generator=torch.Generator().manual_seed(1)
+            )
+            model = nn.Sequential(module)
+            profile = Profile(
+                model,
+                discover(model).layers,
+                [(self.x, targets)],
+                _squared_distance,
+                settings=Settings(probes_min=4, probes_max=4, lanczos_iterations=2),
+                progress=False,
+            )
+            _PROFILES[key] = profile.layer("0")
+        return _PROFILES[key]
+
+
+_PROFILES: dict[tuple[LayerSpec, int], LayerProfile] = {}
+
+
+def _squared_distance(outputs: Tensor, targets: Tensor) -> Tensor:
+    return (outputs - targets).pow(2).sum() / outputs.shape[0]
+
+
+def float_module(spec: LayerSpec, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """The plain torch layer with this spec, weight and bias."""
+    if spec.kind == "linear":
+        module = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+    else:
+        conv = nn.Conv1d if spec.kind == "conv1d" else nn.Conv2d
+        module = conv(
+            spec.in_features,
+            spec.out_features,
+            spec.kernel_size,
+            spec.stride,
+            spec.padding,
+            spec.dilation,
+            bias=spec.bias,
+        )
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
 
 
 def make_case(spec: LayerSpec, seed: int = 0) -> LayerCase:
@@ -36,7 +92,7 @@ def make_case(spec: LayerSpec, seed: int = 0) -> LayerCase:
     weight = torch.randn(spec.weight_shape, generator=g) / spec.fan_in**0.5
     bias = torch.randn(spec.out_features, generator=g) if spec.bias else None
     x = torch.randn(3, spec.in_features, *_INPUT_POSITIONS[spec.kind], generator=g)
-    return LayerCase(spec, weight, bias, x)
+    return LayerCase(spec, weight, bias, x, seed)
 
 
 @pytest.fixture(params=list(SPECS.values()), ids=list(SPECS))

@@ -35,6 +35,9 @@ EXAMPLES: list[tuple[str, Scheme]] = [
     ("quant:3:g4", Quant(3, 4)),
     ("quant:1", Quant(1)),
     ("quant:1:g4", Quant(1, 4)),
+    ("quant:3:steered", Quant(3, rounding="steered")),
+    ("quant:2:g4:steered", Quant(2, 4, "steered")),
+    ("quant:1:steered", Quant(1, rounding="steered")),
     ("rank:2", LowRank(2)),
     ("rank:3", LowRank(3)),
     ("sparse:0.05", Sparse(0.05)),
@@ -49,8 +52,9 @@ def example(request: pytest.FixtureRequest) -> tuple[str, Scheme]:
 
 
 def _compress(scheme: Scheme, layer) -> nn.Module:
-    """Compress the `layer` fixture's case (conftest.LayerCase) with `scheme`."""
-    return scheme.compress(layer.weight, layer.bias, layer.spec)
+    """Compress the `layer` fixture's case (conftest.LayerCase) with `scheme`, given its profile
+    (schemes that do not fit to data ignore it)."""
+    return scheme.compress(layer.weight, layer.bias, layer.spec, layer.profile)
 
 
 def _save(module: nn.Module, tmp_path: Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from allot.discover import LayerSpec
 from allot.exceptions import ConfigError
 from allot.modules.quant import QuantizedLayer, dequantize
 from allot.schemes import Quant, parse_scheme
-from allot.schemes.quant import quantize_rtn
+from allot.schemes.grid import quantize_rtn
 
 
 def _weight(out: int = 6, fan_in: int = 32, seed: int = 0) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from torch import Tensor
 
 from allot.discover import LayerSpec, fold_weight_2d
@@ -20,75 +19,40 @@ from allot.modules.base import check_layer_tensors
 from allot.modules.packing import packed_nbytes
 from allot.modules.quant import QuantizedLayer, group_count
 from allot.schemes.base import Scheme, check_int_field, register_scheme
+from allot.schemes.grid import quantize_rtn
+from allot.schemes.steer import steer
 
 if TYPE_CHECKING:
     from allot.profile.engine import LayerProfile
 
 MAX_BITS = 8
 
-
-def _to_float16(x: Tensor, toward: float) -> Tensor:
-    """`x` rounded to float16 toward `toward` (+inf or -inf), so the result bounds `x`."""
-    h = x.to(torch.float16)
-    overshoot = h.to(x.dtype) < x if toward > 0 else h.to(x.dtype) > x
-    return torch.where(overshoot, torch.nextafter(h, torch.full_like(h, toward)), h)
-
-
-def quantize_rtn(
-    weight_2d: Tensor, bits: int, group: int | None = None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Round-to-nearest quantization of a folded (out, fan_in) weight.
-
-    Returns `(codes, scale, offset)`: int64 codes (out, fan_in) in [0, 2**bits - 1], and float16
-    `scale`, `offset` of shape (out, n_groups) in the stored form of `QuantizedLayer`.
-
-    bits >= 2: asymmetric min-max grid. The offset is the group minimum rounded down to float16 and
-    the scale the step that reaches the group maximum rounded up, so the stored grid covers every
-    weight and the error per element is at most scale / 2; codes are chosen against the stored
-    float16 values, so the saved layer reproduces them exactly. A constant group gets scale 0.
-    bits == 1: scaled sign, scale = mean |w| per group (the least-squares optimal scale for fixed
-    signs), sign(0) = +1, offset None.
-    """
-    out, fan_in = weight_2d.shape
-    w = weight_2d.detach().to(torch.float32).reshape(out, group_count(fan_in, group), -1)
-    if bits == 1:
-        offset = None
-        scale = w.abs().mean(-1).to(torch.float16)
-        codes = (w >= 0).to(torch.int64)
-    else:
-        levels = 2**bits - 1
-        offset = _to_float16(w.amin(-1), float("-inf"))
-        scale = _to_float16((w.amax(-1) - offset.to(torch.float32)) / levels, float("inf"))
-        step = scale.to(torch.float32)[..., None]
-        varying = step > 0
-        q = torch.round((w - offset.to(torch.float32)[..., None]) / torch.where(varying, step, 1.0))
-        codes = torch.where(varying, q, 0.0).clamp(0, levels).to(torch.int64)
-    finite = torch.isfinite(scale).all() and (offset is None or torch.isfinite(offset).all())
-    if not finite:
-        raise ConfigError(
-            "cannot quantize: the weight has non-finite values or exceeds the float16 range of "
-            "the stored scales (|w| up to 65504)"
-        )
-    return codes.reshape(out, fan_in), scale, offset
+ROUNDINGS = ("nearest", "steered")
 
 
 @register_scheme
 @dataclasses.dataclass(frozen=True)
 class Quant(Scheme):
     """`bits`-bit uniform quantization, scales per output channel or per `group` consecutive
-    fan-in entries; `quant:4`, `quant:4:g64`."""
+    fan-in entries; `quant:4`, `quant:4:g64`. `rounding="steered"` (`quant:4:steered`) chooses
+    clipping and codes to keep the error out of high-curvature directions (`allot.schemes.steer`;
+    needs the layer's profile) and stores exactly what round-to-nearest stores."""
 
     kind: ClassVar[str] = "quant"
     bits: int
     group: int | None = None
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         check_int_field("Quant", "bits", self.bits, 1, MAX_BITS)
         if self.group is not None:
             check_int_field("Quant", "group", self.group, 1)
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"Quant.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
 
     def label(self) -> str:
-        return f"quant{self.bits}" + (f"g{self.group}" if self.group is not None else "")
+        group = f"g{self.group}" if self.group is not None else ""
+        return f"quant{self.bits}{group}" + ("-steered" if self.rounding == "steered" else "")
 
     def check(self, spec: LayerSpec) -> None:
         group_count(spec.fan_in, self.group)
@@ -107,7 +71,17 @@ class Quant(Scheme):
     ) -> QuantizedLayer:
         check_layer_tensors(spec, weight, bias)
         self.check(spec)
-        codes, scale, offset = quantize_rtn(fold_weight_2d(weight), self.bits, self.group)
+        weight_2d = fold_weight_2d(weight)
+        if self.rounding == "nearest":
+            codes, scale, offset = quantize_rtn(weight_2d, self.bits, self.group)
+        elif profile is None:
+            raise ConfigError(
+                f"{self.label()} fits to calibration data: give the layer's profile (allot.api "
+                "compress does), or use rounding='nearest'"
+            )
+        else:
+            groups = group_count(spec.fan_in, self.group)
+            codes, scale, offset = steer(weight_2d, self.bits, groups, profile.inputs())
         return QuantizedLayer.from_codes(spec, self.bits, codes, scale, offset, bias)
 
     def empty(self, spec: LayerSpec) -> QuantizedLayer:
@@ -116,6 +90,12 @@ class Quant(Scheme):
 
     @classmethod
     def parse_args(cls, args: list[str]) -> Quant:
-        if len(args) not in (1, 2) or (len(args) == 2 and not args[1].startswith("g")):
-            raise ValueError("expected quant:BITS or quant:BITS:gGROUP, e.g. quant:4:g64")
-        return cls(int(args[0]), int(args[1][1:]) if len(args) == 2 else None)
+        usage = "expected quant:BITS[:gGROUP][:steered], e.g. quant:4:g64 or quant:3:steered"
+        if not 1 <= len(args) <= 3:
+            raise ValueError(usage)
+        bits, *rest = args
+        rounding = "steered" if rest and rest[-1] == "steered" else "nearest"
+        rest = rest[:-1] if rounding == "steered" else rest
+        if len(rest) > 1 or (rest and not rest[0].startswith("g")):
+            raise ValueError(usage)
+        return cls(int(bits), int(rest[0][1:]) if rest else None, rounding)

@@ -1,0 +1,198 @@
+"""Mixed-precision quantization Pareto benchmark: allot's allocators side by side at equal size.
+
+Every method runs on the same model, the same calibration data and the same byte accounting
+(bits per weight include scales and offsets), post-training only, at compression ratios 4, 8, 11
+and 16 of the compressible weights. All methods share one on-disk profile cache, so curvature is
+computed once. Writes bench/results/<model>-quant-pareto.{json,md,png}.
+
+    python bench/quant_pareto.py --model mnist-resnet20
+    python bench/quant_pareto.py --model mnist1d-cnn
+    python bench/quant_pareto.py --model minilm --calibration 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from allot import Budget, compress
+from allot.evaluate import calibration_loss, metrics
+from allot.exceptions import BudgetError
+from allot.io import atomic_write, write_json
+from allot.profile.cache import Cache
+from allot.zoo import create_model, get_dataset, get_entry
+
+METHODS = ("uniform-quant", "weight-error-quant", "hawq-v2", "hawq-v3", "cet", "cet-steer")
+RATIOS = (4.0, 8.0, 11.0, 16.0)
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(
+    model_name: str, methods: list[str], ratios: list[float], calibration: int, seed: int
+) -> dict:
+    model = create_model(model_name)
+    dataset = get_dataset(get_entry(model_name).dataset, calibration_size=calibration, seed=seed)
+    head = dataset.task.headline
+    float_row = {
+        "method": "float",
+        "target_ratio": 1.0,
+        "ratio": 1.0,
+        "bits_per_weight": 32.0,
+        **metrics(model, dataset),
+        "calibration_loss": calibration_loss(model, dataset),
+    }
+    rows = [float_row]
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cache = Cache(Path(cache_dir))
+        for method in methods:
+            for ratio in ratios:
+                start = time.perf_counter()
+                try:
+                    result = compress(
+                        model,
+                        dataset,
+                        method,
+                        Budget("ratio", ratio),
+                        model_name=model_name,
+                        seed=seed,
+                        cache=cache,
+                        progress=False,
+                    )
+                except BudgetError as exc:
+                    rows.append({"method": method, "target_ratio": ratio, "out_of_reach": str(exc)})
+                    print(f"{method:20s} {ratio:5.1f}x  out of reach", flush=True)
+                    continue
+                plan = result.plan
+                row = {
+                    "method": method,
+                    "target_ratio": ratio,
+                    "ratio": plan.ratio,
+                    "bits_per_weight": 32.0 / plan.ratio,
+                    **metrics(result.model, dataset),
+                    "calibration_loss": calibration_loss(result.model, dataset),
+                    "predicted_damage": sum(layer.damage for layer in plan.layers),
+                    "bits": {layer.name: layer.scheme.label() for layer in plan.layers},
+                    "seconds": time.perf_counter() - start,
+                }
+                rows.append(row)
+                print(
+                    f"{method:20s} {ratio:5.1f}x  achieved {plan.ratio:6.2f}x  "
+                    f"{head} {row[head]:.4f} ({100 * (row[head] - float_row[head]):+.2f} pt)  "
+                    f"{row['seconds']:.0f} s",
+                    flush=True,
+                )
+    return {
+        "model": model_name,
+        "dataset": dataset.name,
+        "headline": head,
+        "calibration_samples": len(dataset.calibration),
+        "seed": seed,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "rows": rows,
+    }
+
+
+def markdown(results: dict, command: str, plot: str) -> str:
+    head = results["headline"]
+    float_row = results["rows"][0]
+    lines = [
+        f"# Quantization Pareto: {results['model']} on {results['dataset']}",
+        "",
+        f"Command: `{command}`  ",
+        f"torch {results['torch']}, {results['threads']} threads, "
+        f"{results['calibration_samples']} calibration samples, seed {results['seed']}. "
+        "Post-training, no fine-tuning; every method sees the same calibration data. `ratio` is "
+        "the compressible weights' float32 bits over their stored bits (codes, scales and offsets "
+        f"counted); bits/weight = 32 / ratio. Float: {head} {float_row[head]:.4f}, calibration "
+        f"loss {float_row['calibration_loss']:.4f}.",
+        "",
+        f"| method | target | ratio | bits/weight | {head} | delta (pt) | calibration loss "
+        "| predicted damage | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"][1:]:
+        if "out_of_reach" in r:
+            lines.append(f"| {r['method']} | {r['target_ratio']:g}x | out of reach | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['target_ratio']:g}x | {r['ratio']:.2f}x "
+            f"| {r['bits_per_weight']:.2f} | {r[head]:.4f} "
+            f"| {100 * (r[head] - float_row[head]):+.2f} | {r['calibration_loss']:.4f} "
+            f"| {r['predicted_damage']:.4g} | {r['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Predicted damage is in each method's own error-model units (comparable only within a "
+        "method): nats of calibration loss for `cet` and `cet-steer`, HAWQ's Omega for `hawq-*`, "
+        "squared weight error for `weight-error-quant`, squared output error for `uniform-quant`.",
+        "",
+        f"![pareto]({plot})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def pareto_plot(results: dict, path: Path) -> None:
+    head = results["headline"]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    float_value = results["rows"][0][head]
+    axis.axhline(float_value, color="black", linewidth=0.8, linestyle=":", label="float")
+    methods = dict.fromkeys(r["method"] for r in results["rows"][1:])
+    for method in methods:
+        points = sorted(
+            (r["bits_per_weight"], r[head])
+            for r in results["rows"]
+            if r["method"] == method and "out_of_reach" not in r
+        )
+        if points:
+            axis.plot(*zip(*points, strict=True), marker="o", label=method)
+    axis.set_xlabel("bits per weight (scales and offsets included)")
+    axis.set_ylabel(head)
+    axis.set_title(f"{results['model']}: post-training mixed precision")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / path.name
+        figure.savefig(staged, dpi=120)
+        atomic_write(path, staged.read_bytes())
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS))
+    parser.add_argument("--calibration", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    results = run(args.model, args.methods.split(","), ratios, args.calibration, args.seed)
+    command = "python " + " ".join(shlex.quote(a) for a in ["bench/quant_pareto.py", *sys.argv[1:]])
+    results["command"] = command
+    stem = f"{args.model}-quant-pareto"
+    write_json(RESULTS / f"{stem}.json", results)
+    pareto_plot(results, RESULTS / f"{stem}.png")
+    text = markdown(results, command, f"{stem}.png")
+    atomic_write(RESULTS / f"{stem}.md", text.encode())
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

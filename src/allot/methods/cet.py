@@ -1,0 +1,64 @@
+"""CET and the Hessian-aware baselines it is measured against (shared/papers/cet.md, baselines.md).
+
+- `cet`: bit-widths {1, 2, 3, 4, 5, 6, 8} or float per layer, per-output-channel round-to-nearest,
+  chosen by exact multiple-choice knapsack on the exact second-order damage
+  g.d + 1/2 d'H_ii d (one Hessian-vector product per candidate).
+- `cet-steer`: the same, with every candidate's clipping and codes steered to minimise the
+  predicted loss change (`allot.schemes.steer`), so the knapsack sees the steered damages.
+- `hawq-v2`: the same grid, knapsack on HAWQ-V2's Omega = tr(H_ii)/n_i |d|^2 (Hutchinson trace;
+  ours is deflated by Lanczos, which makes the baseline's trace more accurate, not less).
+- `hawq-v3`: HAWQ-V3's integer program over {4, 8} bits per layer on the same Omega.
+First and last layers get no special treatment: the allocator decides.
+"""
+
+from __future__ import annotations
+
+from allot.discover import LayerSpec
+from allot.methods.base import Method, register_method
+from allot.schemes import Keep, Quant, Scheme
+
+CET_BITS = (1, 2, 3, 4, 5, 6, 8)
+
+
+def cet_grid(spec: LayerSpec) -> list[Scheme]:
+    """Per-channel round-to-nearest at every CET bit-width, then float."""
+    return [*(Quant(bits) for bits in CET_BITS), Keep()]
+
+
+def steered_grid(spec: LayerSpec) -> list[Scheme]:
+    """Per-channel steered quantization at every CET bit-width, then float."""
+    return [*(Quant(bits, rounding="steered") for bits in CET_BITS), Keep()]
+
+
+def hawq_v3_grid(spec: LayerSpec) -> list[Scheme]:
+    """4 or 8 bits per layer, as HAWQ-V3's integer program allows."""
+    return [Quant(4), Quant(8)]
+
+
+for method in (
+    Method(
+        "cet",
+        "bits per layer by exact knapsack on the exact second-order loss change (CET)",
+        cet_grid,
+        error_model="second-order",
+    ),
+    Method(
+        "cet-steer",
+        "CET with clipping and rounding steered to minimise the predicted loss change",
+        steered_grid,
+        error_model="second-order",
+    ),
+    Method(
+        "hawq-v2",
+        "bits per layer by exact knapsack on HAWQ-V2's trace-weighted squared weight error",
+        cet_grid,
+        error_model="hawq",
+    ),
+    Method(
+        "hawq-v3",
+        "4 or 8 bits per layer by integer program on HAWQ-V2's sensitivity (HAWQ-V3)",
+        hawq_v3_grid,
+        error_model="hawq",
+    ),
+):
+    register_method(method)

@@ -1,0 +1,93 @@
+"""Steered quantization: never worse than round-to-nearest on the predicted loss change, and
+really better on a layer whose loss is exactly quadratic."""
+
+import pytest
+import torch
+from conftest import SPECS, make_case
+
+from allot.discover import fold_weight_2d
+from allot.exceptions import ConfigError
+from allot.modules.base import dense_weight
+from allot.schemes import Quant
+from allot.schemes.grid import grid_levels, quantize_rtn
+from allot.schemes.steer import steer
+from allot.stats import LayerStats
+
+
+def _problem(seed: int = 0, out: int = 12, fan_in: int = 24):
+    """A weight and strongly correlated inputs (a few dominant directions)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, fan_in, generator=g) / fan_in**0.5
+    basis = torch.randn(fan_in, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 4, generator=g, dtype=torch.float64) @ basis.T
+    x += 0.05 * torch.randn(500, fan_in, generator=g, dtype=torch.float64)
+    return w, LayerStats(x.T @ x, 500)
+
+
+def _objective(w, codes, scale, offset, bits, stats):
+    """f_r = d_r' M d_r per row, as steer.py defines it."""
+    low, step = grid_levels(bits, scale, offset)
+    size = w.shape[1] // low.shape[1]
+    value = low.repeat_interleave(size, 1) + step.repeat_interleave(size, 1) * codes
+    d = value - w.double()
+    return ((d @ (stats.input_cov / stats.samples)) * d).sum(1)
+
+
+@pytest.mark.parametrize(("bits", "group"), [(1, None), (2, None), (3, 8), (4, None)])
+def test_every_row_predicts_no_more_damage_than_round_to_nearest(bits, group) -> None:
+    w, stats = _problem()
+    groups = 1 if group is None else w.shape[1] // group
+    steered = steer(w, bits, groups, stats)
+    f_steered = _objective(w, *steered, bits, stats)
+    f_nearest = _objective(w, *quantize_rtn(w, bits, group), bits, stats)
+    assert (f_steered <= f_nearest + 1e-12).all()
+    assert f_steered.sum() < 0.7 * f_nearest.sum()  # correlated inputs leave much to steer
+    codes, scale, offset = steered
+    assert codes.dtype == torch.int64 and int(codes.min()) >= 0
+    assert int(codes.max()) <= (1 if bits == 1 else 2**bits - 1)
+    assert scale.dtype == torch.float16 and (offset is None) == (bits == 1)
+
+
+def test_uncorrelated_inputs_leave_round_to_nearest_almost_alone() -> None:
+    # With M = I the objective is the weight error, which round-to-nearest already minimises on
+    # its grid; steering may only clip the grid where that lowers the error.
+    w, _ = _problem(seed=1)
+    identity = LayerStats(torch.eye(w.shape[1], dtype=torch.float64), 1)
+    f_steered = _objective(w, *steer(w, 4, 1, identity), 4, identity)
+    f_nearest = _objective(w, *quantize_rtn(w, 4), 4, identity)
+    assert (f_steered <= f_nearest + 1e-12).all()
+    assert f_steered.sum() > 0.5 * f_nearest.sum()
+
+
+def test_steering_lowers_the_output_error_of_a_layer_on_its_own_inputs() -> None:
+    # The squared output error on the calibration inputs is the loss change of a layer trained to
+    # reproduce its float outputs: exactly quadratic, with no gradient term.
+    case = make_case(SPECS["linear-nobias"], seed=3)
+    profile = case.profile
+    x = profile.profile.batches[0][0]
+
+    def output_error(weight: torch.Tensor) -> float:
+        return float((x @ (weight - case.weight).T).pow(2).sum() / x.shape[0])
+
+    for bits in (1, 2, 3, 4):
+        nearest, steered = (
+            output_error(
+                dense_weight(
+                    Quant(bits, rounding=r).compress(case.weight, None, case.spec, profile)
+                )
+            )
+            for r in ("nearest", "steered")
+        )
+        assert steered < nearest
+
+
+def test_steered_quant_needs_a_profile_and_parses() -> None:
+    case = make_case(SPECS["linear"])
+    with pytest.raises(ConfigError, match="calibration data"):
+        Quant(3, rounding="steered").compress(case.weight, case.bias, case.spec)
+    with pytest.raises(ConfigError, match="rounding"):
+        Quant(3, rounding="adaround")
+    scheme = Quant(3, 4, "steered")
+    assert scheme.label() == "quant3g4-steered"
+    assert scheme.storage_bits(case.spec) == Quant(3, 4).storage_bits(case.spec)
+    assert fold_weight_2d(case.weight).shape == (6, 20)

@@ -1,9 +1,12 @@
 """Mixed-precision quantization Pareto benchmark: allot's allocators side by side at equal size.
 
 Every method runs on the same model, the same calibration data and the same byte accounting
-(bits per weight include scales and offsets), post-training only, at compression ratios 4, 8, 11
-and 16 of the compressible weights. All methods share one on-disk profile cache, so curvature is
-computed once. Writes bench/results/<model>-quant-pareto.{json,md,png}.
+(bits per weight include scales and offsets), post-training only: the allocators at compression
+ratios 4, 8, 11 and 16 of the compressible weights, the uniform methods at 2, 3, 4 and 8 bits
+(round-to-nearest against steered rounding at equal bits). `cet-gradient` is CET allocating on
+the full second-order damage g.d + 1/2 d'Hd instead of 1/2 d'Hd, kept to show what the gradient
+term does. All methods share one on-disk profile cache, so curvature is computed once. Writes
+bench/results/<model>-quant-pareto.{json,md,png}.
 
     python bench/quant_pareto.py --model mnist-resnet20
     python bench/quant_pareto.py --model mnist1d-cnn
@@ -26,15 +29,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from allot import Budget, compress
+from allot import Budget, compress_scored, score
 from allot.evaluate import calibration_loss, metrics
 from allot.exceptions import BudgetError
 from allot.io import atomic_write, write_json
+from allot.methods import Method, get_method
+from allot.methods.cet import cet_grid
 from allot.profile.cache import Cache
 from allot.zoo import create_model, get_dataset, get_entry
 
-METHODS = ("uniform-quant", "weight-error-quant", "hawq-v2", "hawq-v3", "cet", "cet-steer")
+METHODS = (
+    "uniform-quant",
+    "uniform-steered",
+    "weight-error-quant",
+    "hawq-v2",
+    "hawq-v3",
+    "cet-gradient",
+    "cet",
+    "cet-steer",
+)
 RATIOS = (4.0, 8.0, 11.0, 16.0)
+UNIFORM_BITS = (2, 3, 4, 8)
+CET_GRADIENT = Method(
+    "cet-gradient",
+    "CET on the full second-order damage g.d + 1/2 d'Hd",
+    cet_grid,
+    error_model="second-order",
+)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -46,7 +67,7 @@ def run(
     head = dataset.task.headline
     float_row = {
         "method": "float",
-        "target_ratio": 1.0,
+        "budget": "-",
         "ratio": 1.0,
         "bits_per_weight": 32.0,
         **metrics(model, dataset),
@@ -56,40 +77,52 @@ def run(
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = Cache(Path(cache_dir))
         for method in methods:
-            for ratio in ratios:
+            recipe = CET_GRADIENT if method == CET_GRADIENT.name else get_method(method)
+            budgets = (
+                [Budget("bits", b) for b in UNIFORM_BITS]
+                if recipe.allocator == "uniform"
+                else [Budget("ratio", r) for r in ratios]
+            )
+            start = time.perf_counter()
+            scored = score(
+                model,
+                dataset,
+                recipe,
+                model_name=model_name,
+                seed=seed,
+                cache=cache,
+                progress=False,
+            )
+            scoring = time.perf_counter() - start
+            for budget in budgets:
                 start = time.perf_counter()
                 try:
-                    result = compress(
-                        model,
-                        dataset,
-                        method,
-                        Budget("ratio", ratio),
-                        model_name=model_name,
-                        seed=seed,
-                        cache=cache,
-                        progress=False,
-                    )
+                    result = compress_scored(scored, budget)
                 except BudgetError as exc:
-                    rows.append({"method": method, "target_ratio": ratio, "out_of_reach": str(exc)})
-                    print(f"{method:20s} {ratio:5.1f}x  out of reach", flush=True)
+                    rows.append(
+                        {"method": method, "budget": budget.describe(), "out_of_reach": str(exc)}
+                    )
+                    print(f"{method:20s} {budget.describe():14s} out of reach", flush=True)
                     continue
                 plan = result.plan
                 row = {
                     "method": method,
-                    "target_ratio": ratio,
+                    "budget": budget.describe(),
                     "ratio": plan.ratio,
                     "bits_per_weight": 32.0 / plan.ratio,
                     **metrics(result.model, dataset),
                     "calibration_loss": calibration_loss(result.model, dataset),
                     "predicted_damage": sum(layer.damage for layer in plan.layers),
                     "bits": {layer.name: layer.scheme.label() for layer in plan.layers},
+                    "prediction": plan.metadata.get("prediction"),
+                    "scoring_seconds": scoring,
                     "seconds": time.perf_counter() - start,
                 }
                 rows.append(row)
                 print(
-                    f"{method:20s} {ratio:5.1f}x  achieved {plan.ratio:6.2f}x  "
+                    f"{method:20s} {budget.describe():14s} achieved {plan.ratio:6.2f}x  "
                     f"{head} {row[head]:.4f} ({100 * (row[head] - float_row[head]):+.2f} pt)  "
-                    f"{row['seconds']:.0f} s",
+                    f"{scoring:.0f} + {row['seconds']:.0f} s",
                     flush=True,
                 )
     return {
@@ -119,25 +152,26 @@ def markdown(results: dict, command: str, plot: str) -> str:
         f"counted); bits/weight = 32 / ratio. Float: {head} {float_row[head]:.4f}, calibration "
         f"loss {float_row['calibration_loss']:.4f}.",
         "",
-        f"| method | target | ratio | bits/weight | {head} | delta (pt) | calibration loss "
-        "| predicted damage | seconds |",
+        f"| method | budget | ratio | bits/weight | {head} | delta (pt) | calibration loss "
+        "| predicted damage | seconds (scoring + plan) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"][1:]:
         if "out_of_reach" in r:
-            lines.append(f"| {r['method']} | {r['target_ratio']:g}x | out of reach | | | | | | |")
+            lines.append(f"| {r['method']} | {r['budget']} | out of reach | | | | | | |")
             continue
         lines.append(
-            f"| {r['method']} | {r['target_ratio']:g}x | {r['ratio']:.2f}x "
+            f"| {r['method']} | {r['budget']} | {r['ratio']:.2f}x "
             f"| {r['bits_per_weight']:.2f} | {r[head]:.4f} "
             f"| {100 * (r[head] - float_row[head]):+.2f} | {r['calibration_loss']:.4f} "
-            f"| {r['predicted_damage']:.4g} | {r['seconds']:.0f} |"
+            f"| {r['predicted_damage']:.4g} | {r['scoring_seconds']:.0f} + {r['seconds']:.0f} |"
         )
     lines += [
         "",
         "Predicted damage is in each method's own error-model units (comparable only within a "
-        "method): nats of calibration loss for `cet` and `cet-steer`, HAWQ's Omega for `hawq-*`, "
-        "squared weight error for `weight-error-quant`, squared output error for `uniform-quant`.",
+        "method): nats of calibration loss for `cet`, `cet-steer` (1/2 d'Hd) and `cet-gradient` "
+        "(g.d + 1/2 d'Hd), HAWQ's Omega for `hawq-*`, squared weight error for "
+        "`weight-error-quant`, squared output error for the uniform methods.",
         "",
         f"![pareto]({plot})",
         "",

@@ -4,6 +4,8 @@ import torch
 from allot import Budget, compress
 from allot.evaluate import calibration_loss, file_bytes, metrics
 from allot.exceptions import BudgetError, DataError
+from allot.methods import Method
+from allot.methods.cet import cet_grid
 from allot.schemes import Keep, Quant
 from allot.zoo import create_model, get_dataset
 
@@ -62,3 +64,29 @@ def test_data_that_does_not_fit_the_model_is_refused() -> None:
 def test_ratio_one_keeps_every_layer_in_float(digits) -> None:
     result = _run("uniform-quant", Budget("ratio", 1.0), digits)
     assert {layer.scheme for layer in result.plan.layers} == {Keep()}
+
+
+def test_a_damage_limit_gives_the_smallest_plan_predicted_within_it(digits) -> None:
+    loose, tight = (_run("cet", Budget("damage", limit), digits).plan for limit in (1e-2, 1e-4))
+    assert loose.damage <= 1e-2 and tight.damage <= 1e-4
+    assert loose.weight_bits < tight.weight_bits  # a tighter limit costs bits
+
+
+@pytest.mark.parametrize("error_model", ["curvature", "second-order"])
+def test_cet_lossless_keeps_the_calibration_loss(digits, error_model) -> None:
+    # Under second-order the search starts from the plan predicted not to raise the loss.
+    method = Method("cet-test", "cet", cet_grid, error_model=error_model)
+    result = compress(create_model("test-cnn"), digits, method, Budget("lossless"), progress=False)
+    reference = result.plan.metadata["lossless"]["float_calibration_loss"]
+    assert calibration_loss(result.model, digits) <= reference
+    assert result.plan.ratio > 4  # test-cnn loses nothing at mixed 1..8 bits on average
+
+
+def test_cet_plans_are_deterministic_and_steering_changes_only_the_codes(digits) -> None:
+    first = _run("cet", Budget("ratio", 10), digits).plan
+    assert _run("cet", Budget("ratio", 10), digits).plan.dumps() == first.dumps()
+    steered = _run("uniform-steered", Budget("bits", 3), digits)
+    nearest = _run("uniform-quant", Budget("bits", 3), digits)
+    assert steered.plan.weight_bits == nearest.plan.weight_bits
+    assert {layer.scheme.label() for layer in steered.plan.layers} == {"quant3-steered"}
+    assert calibration_loss(steered.model, digits) < calibration_loss(nearest.model, digits)

@@ -36,3 +36,14 @@ def test_json_round_trip() -> None:
         assert Budget.from_json(budget.to_json()) == budget
     with pytest.raises(BudgetError):
         Budget.from_json({"kind": "ratio"})
+
+
+def test_a_damage_limit_is_any_finite_number_and_limits_no_size() -> None:
+    budget = Budget("damage", -0.5)
+    assert not budget.is_size and budget.describe() == "predicted damage <= -0.5"
+    assert Budget.from_json(budget.to_json()) == budget
+    for bad in (float("nan"), float("inf"), None, "1"):
+        with pytest.raises(BudgetError, match="damage limit must be a finite number"):
+            Budget("damage", bad)
+    with pytest.raises(BudgetError, match="damage budget has no size limit"):
+        weight_bits_limit(budget, 10, 0, None)

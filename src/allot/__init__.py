@@ -4,12 +4,14 @@ Decide, layer by layer, how much and in which way each layer of a trained model 
 under a budget, then really compress it. Public surface:
 
 - `compress(model, dataset, method, budget)` -> `Result` (compressed model, plan, candidates)
+- `score(model, dataset, method)` -> `Scored`, then `compress_scored(scored, budget)` for each of
+  several budgets: the candidates are fitted and scored once
 - `apply(model, plan)`: rewrite a float model according to a (possibly hand-edited) plan
 - `save(model, plan, directory)` / `load(directory, model_factory)`: artifacts
 - `Budget`, `Plan`, and the registries of schemes, methods and zoo models
 """
 
-from allot.api import Result, compress
+from allot.api import Result, Scored, compress, compress_scored, score
 from allot.apply import apply
 from allot.budget import Budget
 from allot.exceptions import AllotError
@@ -22,8 +24,11 @@ __all__ = [
     "LayerPlan",
     "Plan",
     "Result",
+    "Scored",
     "apply",
     "compress",
+    "compress_scored",
     "load",
     "save",
+    "score",
 ]

@@ -5,18 +5,21 @@ weights (codes, scales, offsets, indices, factors: everything stored for them) t
 1/R of their float32 size. *avg_bits* A is the same limit written as bits per weight (ratio = 32/A).
 *bytes* N limits the whole parameter payload: compressed weights plus every other float32 tensor
 (biases, normalisation parameters, embeddings). *bits* B means "the size of B-bit quantization of
-every layer" (per-channel scales included). *lossless* asks for the smallest plan whose measured
+every layer" (per-channel scales included). *damage* D asks for the smallest plan whose predicted
+damage (the method's error-model units; nats of calibration loss for the second-order model) is at
+most D, the complement of a size budget. *lossless* asks for the smallest plan whose measured
 calibration loss is not above the float model's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from allot.exceptions import BudgetError
 
-KINDS = ("ratio", "avg_bits", "bytes", "bits", "lossless")
+KINDS = ("ratio", "avg_bits", "bytes", "bits", "damage", "lossless")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,10 @@ class Budget:
             if self.value is not None:
                 raise BudgetError("a lossless budget takes no value")
             return
+        if self.kind == "damage":
+            if not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
+                raise BudgetError(f"a damage limit must be a finite number, got {self.value!r}")
+            return
         if not isinstance(self.value, (int, float)) or not self.value > 0:
             raise BudgetError(f"budget {self.kind} must be a positive number, got {self.value!r}")
         if self.kind == "ratio" and self.value < 1:
@@ -44,7 +51,8 @@ class Budget:
 
     @property
     def is_size(self) -> bool:
-        return self.kind != "lossless"
+        """Whether the budget limits size (the others limit damage)."""
+        return self.kind not in ("damage", "lossless")
 
     def describe(self) -> str:
         labels = {
@@ -52,6 +60,7 @@ class Budget:
             "avg_bits": "{} bits/weight",
             "bytes": "{} bytes",
             "bits": "{}-bit size",
+            "damage": "predicted damage <= {}",
         }
         return "lossless" if self.kind == "lossless" else labels[self.kind].format(self.value)
 
@@ -89,7 +98,7 @@ def weight_bits_limit(
                 "stay float (biases, normalisation, embeddings); raise the budget"
             )
         return limit
-    raise BudgetError("a lossless budget has no size limit")
+    raise BudgetError(f"a {budget.kind} budget has no size limit")
 
 
 def describe_bits(kind: str, bits: float, n_weights: int, other_bits: int) -> str:

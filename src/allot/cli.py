@@ -88,11 +88,15 @@ def _cache(args: argparse.Namespace) -> Cache:
 def _budget(args: argparse.Namespace) -> Budget:
     if args.lossless:
         return Budget("lossless")
+    if args.max_damage is not None:
+        return Budget("damage", args.max_damage)
     for kind in ("ratio", "avg_bits", "bytes", "bits"):
         value = getattr(args, kind)
         if value is not None:
             return Budget(kind, value)
-    raise AllotError("give a budget: --bits, --ratio, --avg-bits, --bytes or --lossless")
+    raise AllotError(
+        "give a budget: --bits, --ratio, --avg-bits, --bytes, --max-damage or --lossless"
+    )
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -267,6 +271,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         None,
     )
     args.bits, args.calibration, args.seed, args.no_cache = 4, 512, 0, False
+    args.max_damage = None
     cmd_compress(args)
 
 
@@ -278,6 +283,11 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
         "--avg-bits", type=float, help="average stored bits per weight (metadata incl.)"
     )
     group.add_argument("--bytes", type=float, help="bytes of all parameters after compression")
+    group.add_argument(
+        "--max-damage",
+        type=float,
+        help="smallest plan whose predicted damage (error-model units) is at most this",
+    )
     group.add_argument(
         "--lossless",
         action="store_true",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hvp import blocks, exact, setup
+from hessians import blocks, exact, setup
 from torch import nn
 
 from allot.discover import discover

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from allot.discover import LayerSpec, discover
+from allot.modules.base import build_float_layer
 from allot.profile.engine import LayerProfile, Profile, Settings
 
 # Group size 4 divides every fan-in here (20, 32, 12, 36, 12); only 32 is a multiple of 8.
@@ -39,7 +40,7 @@ class LayerCase:
         (built once per spec and seed, as the case's tensors are)."""
         key = (self.spec, self.seed)
         if key not in _PROFILES:
-            module = float_module(self.spec, self.weight, self.bias)
+            module = build_float_layer(self.spec, self.weight, self.bias)
             with torch.no_grad():
                 outputs = module(self.x)
             targets = outputs + torch.randn(
@@ -56,6 +57,13 @@ class LayerCase:
             )
             _PROFILES[key] = profile.layer("0")
         return _PROFILES[key]
+
+
+_PROFILES: dict[tuple[LayerSpec, int], LayerProfile] = {}
+
+
+def _squared_distance(outputs: Tensor, targets: Tensor) -> Tensor:
+    return (outputs - targets).pow(2).sum() / outputs.shape[0]
 
 
 _PROFILES: dict[tuple[LayerSpec, int], LayerProfile] = {}

@@ -1,13 +1,16 @@
 """CET and the Hessian-aware baselines it is measured against (shared/papers/cet.md, baselines.md).
 
 - `cet`: bit-widths {1, 2, 3, 4, 5, 6, 8} or float per layer, per-output-channel round-to-nearest,
-  chosen by exact multiple-choice knapsack on the exact second-order damage
-  g.d + 1/2 d'H_ii d (one Hessian-vector product per candidate).
+  chosen by exact multiple-choice knapsack on the exact quadratic damage 1/2 d'H_ii d (one
+  Hessian-vector product per candidate; the gradient term is left out, see
+  `allot.errors` and docs/cet.md for the measurement behind that).
 - `cet-steer`: the same, with every candidate's clipping and codes steered to minimise the
   predicted loss change (`allot.schemes.steer`), so the knapsack sees the steered damages.
 - `hawq-v2`: the same grid, knapsack on HAWQ-V2's Omega = tr(H_ii)/n_i |d|^2 (Hutchinson trace;
   ours is deflated by Lanczos, which makes the baseline's trace more accurate, not less).
 - `hawq-v3`: HAWQ-V3's integer program over {4, 8} bits per layer on the same Omega.
+- `uniform-steered`: the same bit-width in every layer, steered: steering alone against
+  `uniform-quant` (round-to-nearest) at equal bits.
 First and last layers get no special treatment: the allocator decides.
 """
 
@@ -38,21 +41,28 @@ def hawq_v3_grid(spec: LayerSpec) -> list[Scheme]:
 for method in (
     Method(
         "cet",
-        "bits per layer by exact knapsack on the exact second-order loss change (CET)",
+        "bits per layer by exact knapsack on the exact curvature damage 1/2 d'Hd (CET)",
         cet_grid,
-        error_model="second-order",
+        error_model="curvature",
     ),
     Method(
         "cet-steer",
-        "CET with clipping and rounding steered to minimise the predicted loss change",
+        "CET with clipping and rounding steered out of high-curvature directions",
         steered_grid,
-        error_model="second-order",
+        error_model="curvature",
     ),
     Method(
         "hawq-v2",
         "bits per layer by exact knapsack on HAWQ-V2's trace-weighted squared weight error",
         cet_grid,
         error_model="hawq",
+    ),
+    Method(
+        "uniform-steered",
+        "same bit-width in every layer, clipping and rounding steered",
+        steered_grid,
+        error_model="output",
+        allocator="uniform",
     ),
     Method(
         "hawq-v3",

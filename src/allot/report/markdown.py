@@ -7,7 +7,13 @@ from typing import Any
 
 from allot.io import atomic_write, write_json
 from allot.plan import Plan
-from allot.report.plots import allocation_plot, curvature_plot, damage_plot, sensitivity_plot
+from allot.report.plots import (
+    allocation_plot,
+    curvature_plot,
+    damage_plot,
+    pareto_plot,
+    sensitivity_plot,
+)
 from allot.sensitivity import Sensitivity
 
 REPORT = "report.md"
@@ -63,6 +69,8 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
             for layer in plan.layers
         ],
     )
+    lines += _prediction_lines(plan.metadata.get("prediction"))
+    lines += _geometry_lines(plan.metadata.get("geometry"))
     if plan.folded:
         lines += ["", "BatchNorm folded into: " + ", ".join(f"{c} <- {b}" for c, b in plan.folded)]
     if plan.skipped:
@@ -79,9 +87,67 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
     damage = damage_plot(plan, directory / "damage.png")
     if damage is not None:
         lines += ["", f"![damage]({damage.name})"]
+    pareto = pareto_plot(plan, directory / "pareto.png")
+    if pareto is not None:
+        lines += ["", f"![pareto]({pareto.name})"]
     path = directory / REPORT
     atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
+
+
+def _prediction_lines(prediction: dict[str, float] | None) -> list[str]:
+    if prediction is None:
+        return []
+    return [
+        "",
+        "## Predicted vs measured loss change",
+        "",
+        "Second-order predictions for the whole plan next to the measured changes (task-loss "
+        "units: nats for cross-entropy). *per layer* is what the allocator adds up; *joint* "
+        "includes the cross-layer terms d_i'H_ij d_j.",
+        "",
+        *_table(
+            ["g.d", "per layer", "joint", "measured (calibration)", "measured (held-out)"],
+            [
+                [
+                    prediction["linear"],
+                    prediction["per_layer"],
+                    prediction["joint"],
+                    prediction["measured_calibration"],
+                    prediction["measured_held_out"],
+                ]
+            ],
+        ),
+    ]
+
+
+def _geometry_lines(split: dict[str, dict[str, Any]] | None) -> list[str]:
+    if not split:
+        return []
+    return [
+        "",
+        "## Error geometry",
+        "",
+        "Per changed layer: the share of its error |d|^2, and of its quadratic damage d'H d, that "
+        "lies along the top Lanczos eigenvectors of its Hessian block (the minor axes; the rest "
+        "lies along the major axes), the loss change along negative-curvature directions, and "
+        "whether the block certainly has a negative eigenvalue (saddle).",
+        "",
+        *_table(
+            ["layer", "top eigvecs", "share of |d|^2", "share of d'Hd", "negative part", "saddle"],
+            [
+                [
+                    name,
+                    g["eigenvectors"],
+                    g["top_error_share"],
+                    "" if g["top_curvature_share"] is None else g["top_curvature_share"],
+                    g["negative_curvature"],
+                    "yes" if g["saddle"] else "",
+                ]
+                for name, g in split.items()
+            ],
+        ),
+    ]
 
 
 def write_sensitivity(sensitivity: Sensitivity, title: str, directory: Path) -> Path:

@@ -64,6 +64,28 @@ def damage_plot(plan: Plan, path: Path) -> Path | None:
     return path
 
 
+def pareto_plot(plan: Plan, path: Path) -> Path | None:
+    """The allocator's Pareto curve (predicted damage against bits per weight) with the chosen plan
+    marked (None when the plan carries no curve)."""
+    points = plan.metadata.get("pareto")
+    if not points or plan.damage is None:
+        return None
+    bits, damage = zip(*points, strict=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(bits, damage, marker=".", color="#3b6ea8", label="Pareto curve (convex)")
+    ax.plot(
+        [plan.weight_bits / plan.n_weights], [plan.damage], "o", color="#c0392b", label="this plan"
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("symlog", linthresh=1e-9)
+    ax.set_xlabel("bits per weight (incl. metadata)")
+    ax.set_ylabel(f"predicted damage ({plan.error_model})")
+    ax.set_title(f"{plan.method}: size against predicted damage")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
+
+
 def curvature_plot(sensitivity: Sensitivity, path: Path) -> Path:
     """Per-layer gradient norm, Hessian trace per weight and top eigenvalue (log scale)."""
     names = [row.name for row in sensitivity.layers]

@@ -13,17 +13,12 @@ one plain forward+backward sweep over the calibration set, timed in the same run
 from __future__ import annotations
 
 import argparse
-import io
-import shlex
-import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from common import RESULTS, command, save_figure
 from scipy.stats import spearmanr
 
 from allot.api import prepare
@@ -36,7 +31,6 @@ from allot.profile.measure import loss_change, mean_loss
 from allot.schemes import Quant
 from allot.zoo import create_model, get_dataset, get_entry
 
-RESULTS = Path(__file__).parent / "results"
 BITS = range(2, 9)
 MODELS = ("second-order", "trace", "diagonal", "output", "weight")
 
@@ -182,11 +176,7 @@ def scatter(r: dict, path: Path) -> None:
         ax.set_yscale("symlog", linthresh=1e-6)
         ax.set_xlabel(f"predicted ({name})", fontsize=8)
         ax.set_ylabel("measured dL (calibration)", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
+    save_figure(fig, path, dpi=100)
 
 
 def main() -> None:
@@ -199,14 +189,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.model, args.calibration, args.seed, args.probes)
-    command = "python " + " ".join(
-        shlex.quote(a) for a in ["bench/profile_damage.py", *sys.argv[1:]]
-    )
-    result["command"] = command
+    result["command"] = command()
     write_json(RESULTS / f"{args.model}-profile.json", result)
     scatter(result, RESULTS / f"{args.model}-profile.png")
-    atomic_write(RESULTS / f"{args.model}-profile.md", markdown(result, command).encode())
-    print(markdown(result, command))
+    text = markdown(result, result["command"])
+    atomic_write(RESULTS / f"{args.model}-profile.md", text.encode())
+    print(text)
 
 
 if __name__ == "__main__":

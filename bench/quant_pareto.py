@@ -16,18 +16,13 @@ bench/results/<model>-quant-pareto.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import platform
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from common import RESULTS, command, environment, save_figure
 
 from allot import Budget, compress_scored, score
 from allot.evaluate import calibration_loss, metrics
@@ -56,7 +51,6 @@ CET_GRADIENT = Method(
     cet_grid,
     error_model="second-order",
 )
-RESULTS = Path(__file__).parent / "results"
 
 
 def run(
@@ -125,17 +119,7 @@ def run(
                     f"{scoring:.0f} + {row['seconds']:.0f} s",
                     flush=True,
                 )
-    return {
-        "model": model_name,
-        "dataset": dataset.name,
-        "headline": head,
-        "calibration_samples": len(dataset.calibration),
-        "seed": seed,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "rows": rows,
-    }
+    return {**environment(model_name, dataset, seed), "rows": rows}
 
 
 def markdown(results: dict, command: str, plot: str) -> str:
@@ -198,12 +182,7 @@ def pareto_plot(results: dict, path: Path) -> None:
     axis.set_title(f"{results['model']}: post-training mixed precision")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / path.name
-        figure.savefig(staged, dpi=120)
-        atomic_write(path, staged.read_bytes())
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main() -> None:
@@ -218,12 +197,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     results = run(args.model, args.methods.split(","), ratios, args.calibration, args.seed)
-    command = "python " + " ".join(shlex.quote(a) for a in ["bench/quant_pareto.py", *sys.argv[1:]])
-    results["command"] = command
+    results["command"] = command()
     stem = f"{args.model}-quant-pareto"
     write_json(RESULTS / f"{stem}.json", results)
     pareto_plot(results, RESULTS / f"{stem}.png")
-    text = markdown(results, command, f"{stem}.png")
+    text = markdown(results, results["command"], f"{stem}.png")
     atomic_write(RESULTS / f"{stem}.md", text.encode())
     print(text)
 

@@ -11,13 +11,10 @@ their rows to GRIDS.
 from __future__ import annotations
 
 import argparse
-import platform
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import RESULTS, command, environment
 
 from allot import Budget, compress
 from allot.evaluate import file_bytes, latencies, macs, metrics
@@ -31,7 +28,6 @@ GRIDS: dict[str, list[Budget]] = {
     "weight-error-quant": [Budget("ratio", r) for r in (4, 8, 11, 16)],
     "output-error-quant": [Budget("ratio", r) for r in (4, 8, 11, 16)],
 }
-RESULTS = Path(__file__).parent / "results"
 
 
 def run(model_name: str, methods: list[str], calibration: int, seed: int) -> dict:
@@ -83,17 +79,7 @@ def run(model_name: str, methods: list[str], calibration: int, seed: int) -> dic
     for row in rows:
         row["file_ratio"] = float_row["file_bytes"] / row["file_bytes"]
         row["macs_ratio"] = row["macs"] / float_row["macs"]
-    return {
-        "model": model_name,
-        "dataset": dataset.name,
-        "headline": dataset.task.headline,
-        "calibration_samples": len(dataset.calibration),
-        "seed": seed,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "rows": rows,
-    }
+    return {**environment(model_name, dataset, seed), "rows": rows}
 
 
 def markdown(results: dict, command: str) -> str:
@@ -136,11 +122,11 @@ def main() -> None:
     if unknown:
         parser.error(f"no budget grid for {unknown}; known: {', '.join(GRIDS)}")
     results = run(args.model, methods, args.calibration, args.seed)
-    command = "python " + " ".join(shlex.quote(a) for a in ["bench/run.py", *sys.argv[1:]])
-    results["command"] = command
+    results["command"] = command()
     write_json(RESULTS / f"{args.model}.json", results)
-    atomic_write(RESULTS / f"{args.model}.md", markdown(results, command).encode())
-    print(markdown(results, command))
+    text = markdown(results, results["command"])
+    atomic_write(RESULTS / f"{args.model}.md", text.encode())
+    print(text)
 
 
 if __name__ == "__main__":

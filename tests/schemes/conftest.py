@@ -66,35 +66,6 @@ def _squared_distance(outputs: Tensor, targets: Tensor) -> Tensor:
     return (outputs - targets).pow(2).sum() / outputs.shape[0]
 
 
-_PROFILES: dict[tuple[LayerSpec, int], LayerProfile] = {}
-
-
-def _squared_distance(outputs: Tensor, targets: Tensor) -> Tensor:
-    return (outputs - targets).pow(2).sum() / outputs.shape[0]
-
-
-def float_module(spec: LayerSpec, weight: Tensor, bias: Tensor | None) -> nn.Module:
-    """The plain torch layer with this spec, weight and bias."""
-    if spec.kind == "linear":
-        module = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
-    else:
-        conv = nn.Conv1d if spec.kind == "conv1d" else nn.Conv2d
-        module = conv(
-            spec.in_features,
-            spec.out_features,
-            spec.kernel_size,
-            spec.stride,
-            spec.padding,
-            spec.dilation,
-            bias=spec.bias,
-        )
-    with torch.no_grad():
-        module.weight.copy_(weight)
-        if bias is not None:
-            module.bias.copy_(bias)
-    return module
-
-
 def make_case(spec: LayerSpec, seed: int = 0) -> LayerCase:
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(spec.weight_shape, generator=g) / spec.fan_in**0.5

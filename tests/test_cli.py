@@ -47,6 +47,28 @@ def test_compress_prints_float_then_compressed_and_writes_artifact(tmp_path, cap
     assert code == 0 and "report.md" in stdout
 
 
+def test_cet_under_a_damage_limit_reports_prediction_geometry_and_pareto(tmp_path, capsys) -> None:
+    out = tmp_path / "cet"
+    code, _, _ = _run(
+        capsys,
+        *("compress", "test-cnn", "--method", "cet-steer", "--max-damage", "0.001"),
+        *("--out", str(out), "--calibration", "64"),
+    )
+    assert code == 0
+    plan = json.loads((out / PLAN).read_text())
+    assert plan["budget"] == {"kind": "damage", "value": 0.001}
+    assert sum(layer["damage"] for layer in plan["layers"]) <= 0.001
+    report = (out / "report.md").read_text()
+    for section in ("## Predicted vs measured loss change", "## Error geometry", "pareto.png"):
+        assert section in report
+    assert (out / "pareto.png").stat().st_size > 0
+    # steered codes reload from the artifact alone (re-fitting them would need calibration data)
+    model, loaded_plan = load(out)
+    assert any(layer.scheme.label().endswith("steered") for layer in loaded_plan.layers)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(torch.randn(2, 1, 8, 8))).all()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

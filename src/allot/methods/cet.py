@@ -1,11 +1,12 @@
 """CET and the Hessian-aware baselines it is measured against (shared/papers/cet.md, baselines.md).
 
-- `cet`: bit-widths {1, 2, 3, 4, 5, 6, 8} or float per layer, per-output-channel round-to-nearest,
+- `cet`: bit-widths {1, 2, 3, 4, 5, 6, 8} or float per layer, round-to-nearest with scales per
+  output channel or (where 128 divides a larger fan-in) per group of 128 inputs,
   chosen by exact multiple-choice knapsack on the exact quadratic damage 1/2 d'H_ii d (one
   Hessian-vector product per candidate; the gradient term is left out, see
   `allot.errors` and docs/cet.md for the measurement behind that).
-- `cet-steer`: the same, with every candidate's clipping and codes steered to minimise the
-  predicted loss change (`allot.schemes.steer`), so the knapsack sees the steered damages.
+- `cet-steer`: the same, with every candidate's clipping and codes steered out of the
+  high-curvature directions (`allot.schemes.steer`), so the knapsack sees the steered damages.
 - `hawq-v2`: the same grid, knapsack on HAWQ-V2's Omega = tr(H_ii)/n_i |d|^2 (Hutchinson trace;
   ours is deflated by Lanczos, which makes the baseline's trace more accurate, not less).
 - `hawq-v3`: HAWQ-V3's integer program over {4, 8} bits per layer on the same Omega.
@@ -21,15 +22,36 @@ from allot.methods.base import Method, register_method
 from allot.schemes import Keep, Quant, Scheme
 
 CET_BITS = (1, 2, 3, 4, 5, 6, 8)
+GROUP = 128
+
+
+def _groupings(spec: LayerSpec) -> list[int | None]:
+    """Scales per output channel, and per group of 128 inputs where 128 divides a larger fan-in
+    (the allocator weighs the group's extra scales against what they save; outlier weights, as in
+    MiniLM's FFN outputs, ruin a whole channel's grid otherwise)."""
+    grouped = spec.fan_in > GROUP and spec.fan_in % GROUP == 0
+    return [None, GROUP] if grouped else [None]
 
 
 def cet_grid(spec: LayerSpec) -> list[Scheme]:
-    """Per-channel round-to-nearest at every CET bit-width, then float."""
-    return [*(Quant(bits) for bits in CET_BITS), Keep()]
+    """Round-to-nearest at every CET bit-width and grouping, then float."""
+    return [
+        *(Quant(bits, group) for bits in CET_BITS for group in _groupings(spec)),
+        Keep(),
+    ]
 
 
 def steered_grid(spec: LayerSpec) -> list[Scheme]:
-    """Per-channel steered quantization at every CET bit-width, then float."""
+    """Steered quantization at every CET bit-width and grouping, then float."""
+    return [
+        *(Quant(bits, group, "steered") for bits in CET_BITS for group in _groupings(spec)),
+        Keep(),
+    ]
+
+
+def uniform_steered_grid(spec: LayerSpec) -> list[Scheme]:
+    """Per-channel steered quantization at every CET bit-width, then float (one setting per
+    grid index in every layer, as the uniform allocator needs)."""
     return [*(Quant(bits, rounding="steered") for bits in CET_BITS), Keep()]
 
 
@@ -60,7 +82,7 @@ for method in (
     Method(
         "uniform-steered",
         "same bit-width in every layer, clipping and rounding steered",
-        steered_grid,
+        uniform_steered_grid,
         error_model="output",
         allocator="uniform",
     ),

@@ -19,7 +19,7 @@ from allot.apply import apply
 from allot.budget import Budget, describe_bits, weight_bits_limit
 from allot.candidates import CandidateTable, score_candidates
 from allot.discover import Discovery, discover
-from allot.errors import LOSS_MODELS, get_error_model
+from allot.errors import get_error_model
 from allot.evaluate import calibration_loss, state_bits
 from allot.exceptions import BudgetError, DataError, ModelError
 from allot.fold import find_conv_bn_pairs, fold_batchnorm
@@ -261,7 +261,7 @@ def _lossless(
     method = scored.method
     if method.allocator == "uniform":
         sequence = uniform_sequence(options)
-    elif method.error_model in LOSS_MODELS:
+    elif get_error_model(method.error_model).loss_change:
         start = minimize_cost(options, 0.0)
         floor = options.total(start)[0]
         sequence = [start, *(c for c in pareto_sweep(options) if options.total(c)[0] > floor)]

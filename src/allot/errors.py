@@ -41,12 +41,14 @@ Damages = dict[str, list[float]]
 class ErrorModel:
     """A named damage predictor: `damages(deltas, profile)` gives one float per perturbation.
     `curvature` says whether it reads Hessian information (plans chosen with it are then checked
-    against the second-order model, `allot.prediction`)."""
+    against the second-order model, `allot.prediction`); `loss_change` whether its damage is a
+    predicted calibration-loss change itself, gradient term included (task-loss units)."""
 
     name: str
     damages: Callable[[Deltas, Profile], Damages]
     description: str = ""
     curvature: bool = False
+    loss_change: bool = False
 
 
 def per_perturbation(damage: Callable[[Tensor, LayerProfile], float]) -> Callable:
@@ -110,6 +112,7 @@ ERROR_MODELS: dict[str, ErrorModel] = {
             _second_order,
             "loss change g.d + 1/2 d'Hd, exact HVP per candidate",
             curvature=True,
+            loss_change=True,
         ),
         ErrorModel(
             "curvature",
@@ -122,12 +125,14 @@ ERROR_MODELS: dict[str, ErrorModel] = {
             per_perturbation(_trace),
             "g.d + 1/2 tr(H)/n |d|^2 (Hutchinson)",
             curvature=True,
+            loss_change=True,
         ),
         ErrorModel(
             "diagonal",
             per_perturbation(_diagonal),
             "g.d + 1/2 sum diag(H) d^2 (Hutchinson)",
             curvature=True,
+            loss_change=True,
         ),
         ErrorModel(
             "hawq",
@@ -137,10 +142,6 @@ ERROR_MODELS: dict[str, ErrorModel] = {
         ),
     )
 }
-
-
-# Models whose damage is itself a predicted calibration-loss change (task-loss units).
-LOSS_MODELS = ("second-order", "trace", "diagonal")
 
 
 def get_error_model(name: str) -> ErrorModel:

@@ -46,6 +46,13 @@ def test_second_order_is_exact_and_skips_zero_changes() -> None:
             expected = 0.5 * float(d @ hessian[block, block] @ d)
             assert term.quadratic == pytest.approx(expected, rel=1e-6, abs=1e-15)
     assert terms[profile.names[1]][-1].total == 0.0
+    # Changes asked for before are remembered one by one: a plan made of scored candidates, in
+    # any grouping, costs nothing more, and only the new change is computed.
+    first, second = profile.names
+    new = 1e-2 * torch.randn_like(model.get_submodule(first).weight)
+    again = profile.second_order({second: [deltas[second][1]], first: [deltas[first][0], new]})
+    assert profile.curvature.passes.second_backward_sweeps == 4 + 1
+    assert again[second][0] == terms[second][1] and again[first][0] == terms[first][0]
 
 
 def test_second_order_predicts_the_measured_loss_change_of_small_perturbations() -> None:

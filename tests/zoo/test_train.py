@@ -58,7 +58,7 @@ def test_training_learns_and_reports_test_metrics() -> None:
     model, metrics = train_model("test-cnn", progress=False)
     assert not model.training
     assert differs(model, untrained)
-    assert set(metrics) == {"accuracy", "loss", "epochs", "train_seconds"}
+    assert {"accuracy", "loss", "epochs"} <= set(metrics)
     assert metrics["epochs"] == MODELS["test-cnn"].recipe.epochs
     dataset = get_dataset("digits")
     assert metrics["accuracy"] == dataset.task.evaluate(model, dataset)["accuracy"]

@@ -100,6 +100,7 @@ class Profile:
         self._estimates: dict[str, Estimate] | None = None
         self._eigenpairs: dict[str, RitzPairs] | None = None
         self._krylov_runs: dict[str, Krylov] | None = None
+        self._terms: dict[str, SecondOrder] = {}  # by fingerprint of (layer, change)
 
     def layer(self, name: str) -> LayerProfile:
         """A view of one layer's statistics (what schemes that fit to data receive)."""
@@ -180,43 +181,55 @@ class Profile:
     def second_order(self, deltas: dict[str, list[Tensor]]) -> dict[str, list[SecondOrder]]:
         """Exact g_i.d + 1/2 d'H_ii d for each weight change d (weight-shaped) of each layer.
 
-        Costs one gradient sweep plus one second backward per nonzero change, all layers together
-        (an all-zero change, such as keeping the layer, has zero damage and costs nothing).
+        Costs one gradient sweep plus one second backward per nonzero change not asked for before,
+        all layers together. Results are kept per change, so a plan's changes, which are candidates
+        already scored, cost nothing again; an all-zero change (keeping the layer) costs nothing.
         """
         unknown = [name for name in deltas if name not in self.names]
         if unknown:
             raise ConfigError(f"layers {unknown} are not profiled; profiled layers: {self.names}")
-        fingerprint = Fingerprint()
+        keys = {
+            name: [Fingerprint().value(name).tensor(d).hexdigest() for d in ds]
+            for name, ds in deltas.items()
+        }
+        missing: dict[str, dict[str, Tensor]] = {}
         for name, ds in deltas.items():
-            fingerprint.value(name)
-            for delta in ds:
-                fingerprint.tensor(delta)
-        key = self._entry_key("second-order", fingerprint.hexdigest())
-        stored = self.cache.get(key)
+            for key, delta in zip(keys[name], ds, strict=True):
+                if key in self._terms:
+                    continue
+                if bool(delta.any()):
+                    missing.setdefault(name, {})[key] = delta
+                else:
+                    self._terms[key] = SecondOrder(0.0, 0.0)
+        if missing:
+            self._terms.update(self._second_order(missing))
+        return {name: [self._terms[key] for key in keys[name]] for name in deltas}
+
+    def _second_order(self, missing: dict[str, dict[str, Tensor]]) -> dict[str, SecondOrder]:
+        """Second-order terms of nonzero changes {layer: {key: change}}, from the disk cache or
+        one lock-step block-HVP pass."""
+        entry = self._entry_key("second-order", sorted(k for ds in missing.values() for k in ds))
+        stored = self.cache.get(entry)
         if stored is None:
-            nonzero = {name: [d for d in ds if bool(d.any())] for name, ds in deltas.items()}
-            steps = len(self.batches) * sum(len(ds) for ds in nonzero.values())
+            steps = len(self.batches) * sum(len(ds) for ds in missing.values())
             with progress_counter("exact second-order damage", self.progress, steps) as step:
                 self.curvature.on_step = step
                 try:
-                    products = {n: iter(p) for n, p in self.curvature.block_hvps(nonzero).items()}
+                    products = self.curvature.block_hvps(
+                        {name: list(ds.values()) for name, ds in missing.items()}
+                    )
                 finally:
                     self.curvature.on_step = lambda: None
             stored = {
-                f"{name}/{i}": torch.tensor(
-                    astuple(second_order_terms(self.gradient(name), d, next(products[name])))
-                    if d.any()
-                    else (0.0, 0.0),
+                key: torch.tensor(
+                    astuple(second_order_terms(self.gradient(name), delta, product)),
                     dtype=torch.float64,
                 )
-                for name in deltas
-                for i, d in enumerate(deltas[name])
+                for name, ds in missing.items()
+                for (key, delta), product in zip(ds.items(), products[name], strict=True)
             }
-            self.cache.put(key, stored)
-        return {
-            name: [SecondOrder(*stored[f"{name}/{i}"].tolist()) for i in range(len(ds))]
-            for name, ds in deltas.items()
-        }
+            self.cache.put(entry, stored)
+        return {key: SecondOrder(*value.tolist()) for key, value in stored.items()}
 
     def _krylov(self) -> dict[str, Krylov]:
         """Every layer's Lanczos run, in lock step (each iteration shares one forward and first

@@ -4,8 +4,8 @@ PyTorch's convolution double backward (`aten::_convolution_double_backward`) com
 weight-gradient convolution of a layer whenever the gradient of that layer's input gradient flows
 in, whether or not anything asks for it. Second backward passes through a first backward's graph
 (Hessian-vector products) hit this on every convolution between the loss and the layer asked
-about, so about a third of a block HVP's convolutions were wasted (ResNet-20: 8.5 s of which 3 s
-per lock-step block product of all layers, measured with torch.profiler).
+about, so about a third of a block HVP's convolutions were wasted. ResNet-20, lock-step block
+product of all layers: 0.64 of the plain double backward's time (bench/hvp_cost.py).
 
 `split_convolutions()` routes `conv1d/2d/3d` calls through two autograd nodes whose sum is the
 convolution: one carries the gradient to the input (a transposed convolution, differentiable in

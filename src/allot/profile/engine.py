@@ -154,7 +154,7 @@ class Profile:
                         s.probes_max,
                         s.rel_tol,
                         torch.Generator().manual_seed(s.seed + 1),
-                        deflation=self._krylov(),
+                        deflation=self.krylov(),
                     )
                 self.cache.put(key, _pack_estimates(self._estimates))
             else:
@@ -171,7 +171,7 @@ class Profile:
                 k = self.settings.eigenpairs
                 self._eigenpairs = {
                     name: krylov.pairs(k, "both" if len(krylov.values) >= 2 * k else "largest")
-                    for name, krylov in self._krylov().items()
+                    for name, krylov in self.krylov().items()
                 }
                 self.cache.put(key, _pack_pairs(self._eigenpairs))
             else:
@@ -231,7 +231,7 @@ class Profile:
             self.cache.put(entry, stored)
         return {key: SecondOrder(*value.tolist()) for key, value in stored.items()}
 
-    def _krylov(self) -> dict[str, Krylov]:
+    def krylov(self) -> dict[str, Krylov]:
         """Every layer's Lanczos run, in lock step (each iteration shares one forward and first
         backward); kept in memory only, as it holds `lanczos_iterations` vectors per weight."""
         if self._krylov_runs is None:

@@ -14,8 +14,8 @@ vectors V of a Lanczos run started independently of the probes (`allot.profile.l
 with P = V V', tr(A) = tr(P A P) + tr((I-P) A (I-P)) and diag(A) = diag(A P) + diag(A (I-P)).
 The first parts are known exactly from the run, and the probes estimate only the second:
 z~' A z~ with z~ = (I-P) z, and z * (A z~). On Hessians with a few outlying eigenvalues this takes
-most of the variance away (ResNet-20 layers: 2 to 10 times smaller standard errors for the same
-probes).
+much of the variance away (ResNet-20 layers, 16 probes, 4 Lanczos iterations: standard errors
+1.4 to 6.2 times smaller, median 2.9; bench/hvp_cost.py).
 """
 
 from __future__ import annotations

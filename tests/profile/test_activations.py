@@ -34,6 +34,38 @@ def test_output_error_model_equals_the_measured_output_error(kind: str) -> None:
     assert predicted * stats.samples == pytest.approx(measured, rel=1e-9)
 
 
+class _TokenModel(nn.Module):
+    """Embedding then a Linear over every position, called like a transformer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.proj(self.embed(input_ids)) * attention_mask[..., None]
+
+
+def test_input_statistics_leave_padding_tokens_out() -> None:
+    """Only the rows of real tokens count, so what sits at padded positions changes nothing."""
+    torch.manual_seed(0)
+    model = _TokenModel()
+    layer = Layer("proj", LayerSpec.from_module(model.proj))
+    ids = torch.randint(0, 10, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    repadded = torch.where(mask.bool(), ids, (ids + 1) % 10)
+    stats, other = (
+        input_statistics(
+            model, [layer], [({"input_ids": i, "attention_mask": mask}, mask)], progress=False
+        )["proj"]
+        for i in (ids, repadded)
+    )
+    rows = model.embed(ids)[mask.bool()].detach().double()
+    assert stats.samples == other.samples == int(mask.sum())
+    torch.testing.assert_close(stats.input_cov, rows.T @ rows)
+    torch.testing.assert_close(other.input_cov, stats.input_cov)
+
+
 def stats_of(x: Tensor) -> LayerStats:
     return LayerStats(input_cov=x.T @ x, samples=x.shape[0])
 

@@ -1,7 +1,9 @@
 """Input second moments of every layer: C = sum over calibration input patches x of x x'.
 
 For a Linear layer, x is one input row (all leading dimensions are flattened, so a transformer's
-tokens each count as one sample, padding tokens included). For a convolution, x is one unfolded input
+tokens each count as one sample). Padding tokens are left out: for inputs that carry an attention mask,
+a layer input whose leading dimensions are the mask's (N, T) keeps only the rows of real tokens,
+since nothing computed at a padded position reaches the loss. For a convolution, x is one unfolded input
 patch (in_channels x kernel volume, the same order as the folded weight), one per output position,
 so |dW x|^2 summed over patches is exactly the squared output error of the layer. Each batch's
 product is formed in the model's dtype (float32: about 1e-6 relative error, and faster than
@@ -21,7 +23,7 @@ from allot.discover import Layer, LayerSpec
 from allot.exceptions import ConfigError, DataError
 from allot.progress import progress_bar
 from allot.stats import LayerStats
-from allot.zoo.data import Batch, forward
+from allot.zoo.data import Batch, forward, token_mask
 
 
 def patches(x: Tensor, spec: LayerSpec) -> Tensor:
@@ -63,6 +65,7 @@ def input_statistics(
 ) -> dict[str, LayerStats]:
     """One pass over `batches`: each layer's summed input second moment (float64) and patch count."""
     stats = {layer.name: LayerStats() for layer in layers}
+    mask: list[Tensor | None] = [None]  # the current batch's real tokens
     handles = []
     for layer in layers:
 
@@ -72,7 +75,10 @@ def input_statistics(
             name: str = layer.name,
             spec: LayerSpec = layer.spec,
         ) -> None:
-            rows = patches(args[0].detach(), spec)
+            x = args[0].detach()
+            if mask[0] is not None and x.shape[:2] == mask[0].shape:
+                x = x[mask[0]]
+            rows = patches(x, spec)
             entry = stats[name]
             cov = (rows.T @ rows).double()
             entry.input_cov = cov if entry.input_cov is None else entry.input_cov + cov
@@ -82,6 +88,7 @@ def input_statistics(
     try:
         model.eval()
         for inputs, _targets in progress_bar(list(batches), "input statistics", progress):
+            mask[0] = token_mask(inputs)
             forward(model, inputs)
     finally:
         for handle in handles:

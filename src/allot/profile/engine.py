@@ -39,7 +39,7 @@ from allot.progress import progress_counter
 from allot.stats import LayerStats
 from allot.zoo.data import Batch
 
-_VERSION = "allot-profile-2"
+_VERSION = "allot-profile-3"
 
 
 @dataclass(frozen=True)

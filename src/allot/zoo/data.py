@@ -27,6 +27,15 @@ def forward(model: nn.Module, inputs: Inputs) -> Tensor:
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
+def token_mask(inputs: Inputs) -> Tensor | None:
+    """Boolean (N, T) mask of the real tokens of a batch of sequences, from its `attention_mask`
+    (1 = token, 0 = padding); None for inputs that carry no attention mask. Padding positions are
+    masked out of every attention and pooling, so nothing computed there reaches the output."""
+    if isinstance(inputs, dict) and "attention_mask" in inputs:
+        return inputs["attention_mask"].bool()
+    return None
+
+
 def _take(inputs: Inputs, index: Tensor | slice) -> Inputs:
     if isinstance(inputs, dict):
         return {k: v[index] for k, v in inputs.items()}

@@ -5,17 +5,25 @@ Every method runs on the same model, the same calibration data and the same byte
 ratios 4, 8, 11 and 16 of the compressible weights, the uniform methods at 2, 3, 4 and 8 bits
 (round-to-nearest against steered rounding at equal bits). `cet-gradient` is CET allocating on
 the full second-order damage g.d + 1/2 d'Hd instead of 1/2 d'Hd, kept to show what the gradient
-term does. All methods share one on-disk profile cache, so curvature is computed once. Writes
-bench/results/<model>-quant-pareto.{json,md,png}.
+term does. All methods share one on-disk profile cache, so curvature is computed once.
 
-    python bench/quant_pareto.py --model mnist-resnet20
-    python bench/quant_pareto.py --model mnist1d-cnn
-    python bench/quant_pareto.py --model minilm --calibration 256
+The peers (`allot.peers`: AIMET on convolutional models, NNCF, HQQ, torchao, optimum-quanto and
+torch's dynamic int8 on linear-layer models) run in the same process on the same folded model and
+calibration data, each at its own settings; their stored bits are counted from the tensors they
+really hold. `--native` then runs one allot method at every distinct ratio a peer reached, so each
+peer point has an allot point of the same size beside it. A peer whose library is not installed is
+listed with the one-line reason. Every row has its latency relative to the float model, timed in
+interleaved rounds in the same run. Writes bench/results/<out>.{json,md,png}.
+
+    python bench/quant_pareto.py --model mnist-resnet20          # in .venv-aimet (AIMET peers)
+    python bench/quant_pareto.py --model mnist1d-cnn             # in .venv-aimet
+    python bench/quant_pareto.py --model minilm --calibration 128
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +31,19 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 from common import RESULTS, command, environment, save_figure
+from torch import nn
 
-from allot import Budget, compress_scored, score
-from allot.evaluate import calibration_loss, metrics
+from allot import Budget, Scored, compress_scored, score
+from allot.api import prepare
+from allot.evaluate import calibration_loss, latencies, metrics
 from allot.exceptions import BudgetError
 from allot.io import atomic_write, write_json
 from allot.methods import Method, get_method
 from allot.methods.cet import cet_grid
+from allot.peers import Peer, all_peers
+from allot.peers.base import ratio as peer_ratio
 from allot.profile.cache import Cache
-from allot.zoo import create_model, get_dataset, get_entry
+from allot.zoo import Dataset, create_model, get_dataset, get_entry
 
 METHODS = (
     "uniform-quant",
@@ -45,6 +57,9 @@ METHODS = (
 )
 RATIOS = (4.0, 8.0, 11.0, 16.0)
 UNIFORM_BITS = (2, 3, 4, 8)
+LATENCY_BATCH = 32
+LATENCY_REPEATS = 10
+NATIVE_TOLERANCE = 0.01  # peer ratios within 1% share one allot point
 CET_GRADIENT = Method(
     "cet-gradient",
     "CET on the full second-order damage g.d + 1/2 d'Hd",
@@ -53,34 +68,162 @@ CET_GRADIENT = Method(
 )
 
 
+class Bench:
+    """One run's shared state: the model, its folded copy, the data, the float row, the timer."""
+
+    def __init__(self, model_name: str, calibration: int, seed: int) -> None:
+        self.model_name = model_name
+        self.seed = seed
+        self.model = create_model(model_name)
+        self.dataset: Dataset = get_dataset(
+            get_entry(model_name).dataset, calibration_size=calibration, seed=seed
+        )
+        self.work, _, discovery, _ = prepare(self.model)
+        self.layers = discovery.layers
+        self.head = self.dataset.task.headline
+        self.timing_inputs = self.dataset.example_inputs(LATENCY_BATCH)
+        self.float_row = {
+            "method": "float",
+            "budget": "-",
+            "ratio": 1.0,
+            "bits_per_weight": 32.0,
+            **metrics(self.model, self.dataset),
+            "calibration_loss": calibration_loss(self.model, self.dataset),
+        }
+        self.rows: list[dict] = [self.float_row]
+
+    def record(self, method: str, budget: str, model: nn.Module, ratio: float, **extra) -> dict:
+        """Evaluate a compressed model and append its row (metrics, calibration loss, latency)."""
+        base, compressed = latencies(
+            [self.work, model], self.timing_inputs, repeats=LATENCY_REPEATS, warmup=2
+        )
+        row = {
+            "method": method,
+            "budget": budget,
+            "ratio": ratio,
+            "bits_per_weight": 32.0 / ratio,
+            **metrics(model, self.dataset),
+            "calibration_loss": calibration_loss(model, self.dataset),
+            "latency_ratio": compressed / base,
+            **extra,
+        }
+        self.rows.append(row)
+        delta = 100 * (row[self.head] - self.float_row[self.head])
+        print(
+            f"{method:20s} {budget:34s} {ratio:6.2f}x  {self.head} {row[self.head]:.4f} "
+            f"({delta:+.2f} pt)  latency {row['latency_ratio']:.2f}x",
+            flush=True,
+        )
+        return row
+
+    def allot(self, scored: Scored, method: str, budget: Budget, scoring: float) -> None:
+        """Plan, apply and record one allot budget (or record that it is out of reach)."""
+        start = time.perf_counter()
+        try:
+            result = compress_scored(scored, budget)
+        except BudgetError as exc:
+            self.rows.append(
+                {"method": method, "budget": budget.describe(), "out_of_reach": str(exc)}
+            )
+            print(f"{method:20s} {budget.describe():34s} out of reach", flush=True)
+            return
+        plan = result.plan
+        self.record(
+            method,
+            budget.describe(),
+            result.model,
+            plan.ratio,
+            predicted_damage=sum(layer.damage for layer in plan.layers),
+            bits={layer.name: layer.scheme.label() for layer in plan.layers},
+            prediction=plan.metadata.get("prediction"),
+            scoring_seconds=scoring,
+            seconds=time.perf_counter() - start,
+        )
+
+    def peer(self, peer: Peer) -> None:
+        """Every setting of one peer, or one row saying why it cannot run here."""
+        reason = peer.unavailable()
+        if reason is not None:
+            self.rows.append({"method": peer.name, "budget": "-", "skipped": reason})
+            print(f"{peer.name:20s} skipped: {reason}", flush=True)
+            return
+        for setting in peer.settings():
+            start = time.perf_counter()
+            run = peer.run(self.work, self.dataset, self.layers, setting)
+            seconds = time.perf_counter() - start
+            self.record(
+                peer.name,
+                setting.label,
+                run.model,
+                peer_ratio(self.work, self.layers, run.stored_bits),
+                peer=True,
+                version=peer.version(),
+                grid=run.grid,
+                notes=run.notes,
+                bits={name: bits / self.weights(name) for name, bits in run.stored_bits.items()},
+                seconds=seconds,
+            )
+
+    def weights(self, name: str) -> int:
+        return self.work.get_submodule(name).weight.numel()
+
+    def native_ratios(self, lowest: float) -> list[float]:
+        """The distinct ratios of at least `lowest` (and above 1x) the peers reached, ascending,
+        rounded up to 0.01x so that the allot point never stores more than the peer's."""
+        ratios: list[float] = []
+        reached = {math.ceil(100 * r["ratio"]) / 100 for r in self.rows if r.get("peer")}
+        for r in sorted(r for r in reached if r > max(1.0, lowest)):
+            if not ratios or r > ratios[-1] * (1 + NATIVE_TOLERANCE):
+                ratios.append(r)
+        return ratios
+
+
+def conv_model(bench: Bench) -> bool:
+    return any(layer.spec.kind.startswith("conv") for layer in bench.layers)
+
+
 def run(
-    model_name: str, methods: list[str], ratios: list[float], calibration: int, seed: int
+    model_name: str,
+    methods: list[str],
+    ratios: list[float],
+    calibration: int,
+    seed: int,
+    peers: list[str] | None,
+    native: str | None,
+    native_from: float,
 ) -> dict:
-    model = create_model(model_name)
-    dataset = get_dataset(get_entry(model_name).dataset, calibration_size=calibration, seed=seed)
-    head = dataset.task.headline
-    float_row = {
-        "method": "float",
-        "budget": "-",
-        "ratio": 1.0,
-        "bits_per_weight": 32.0,
-        **metrics(model, dataset),
-        "calibration_loss": calibration_loss(model, dataset),
-    }
-    rows = [float_row]
+    bench = Bench(model_name, calibration, seed)
+    targets = "conv" if conv_model(bench) else "linear"
+    chosen = [
+        peer
+        for name, peer in all_peers().items()
+        if (peers is None and peer.targets == targets) or (peers is not None and name in peers)
+    ]
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = Cache(Path(cache_dir))
-        for method in methods:
+        for peer in chosen:
+            bench.peer(peer)
+        if not bench.native_ratios(native_from):
+            native = None
+        names = list(dict.fromkeys([*methods, *([native] if native else [])]))
+        for method in names:
             recipe = CET_GRADIENT if method == CET_GRADIENT.name else get_method(method)
             budgets = (
                 [Budget("bits", b) for b in UNIFORM_BITS]
                 if recipe.allocator == "uniform"
-                else [Budget("ratio", r) for r in ratios]
+                else [Budget("ratio", r) for r in (ratios if method in methods else [])]
             )
+            if method == native:
+                listed = [b.value for b in budgets]
+                budgets += [
+                    Budget("ratio", r)
+                    for r in bench.native_ratios(native_from)
+                    if all(abs(r - x) > NATIVE_TOLERANCE * x for x in listed)
+                ]
             start = time.perf_counter()
             scored = score(
-                model,
-                dataset,
+                bench.model,
+                bench.dataset,
                 recipe,
                 model_name=model_name,
                 seed=seed,
@@ -89,37 +232,15 @@ def run(
             )
             scoring = time.perf_counter() - start
             for budget in budgets:
-                start = time.perf_counter()
-                try:
-                    result = compress_scored(scored, budget)
-                except BudgetError as exc:
-                    rows.append(
-                        {"method": method, "budget": budget.describe(), "out_of_reach": str(exc)}
-                    )
-                    print(f"{method:20s} {budget.describe():14s} out of reach", flush=True)
-                    continue
-                plan = result.plan
-                row = {
-                    "method": method,
-                    "budget": budget.describe(),
-                    "ratio": plan.ratio,
-                    "bits_per_weight": 32.0 / plan.ratio,
-                    **metrics(result.model, dataset),
-                    "calibration_loss": calibration_loss(result.model, dataset),
-                    "predicted_damage": sum(layer.damage for layer in plan.layers),
-                    "bits": {layer.name: layer.scheme.label() for layer in plan.layers},
-                    "prediction": plan.metadata.get("prediction"),
-                    "scoring_seconds": scoring,
-                    "seconds": time.perf_counter() - start,
-                }
-                rows.append(row)
-                print(
-                    f"{method:20s} {budget.describe():14s} achieved {plan.ratio:6.2f}x  "
-                    f"{head} {row[head]:.4f} ({100 * (row[head] - float_row[head]):+.2f} pt)  "
-                    f"{scoring:.0f} + {row['seconds']:.0f} s",
-                    flush=True,
-                )
-    return {**environment(model_name, dataset, seed), "rows": rows}
+                bench.allot(scored, method, budget, scoring)
+    versions = {peer.name: peer.version() for peer in chosen if peer.unavailable() is None}
+    return {
+        **environment(model_name, bench.dataset, seed),
+        "peers": versions,
+        "native": native,
+        "native_from": native_from,
+        "rows": bench.rows,
+    }
 
 
 def markdown(results: dict, command: str, plot: str) -> str:
@@ -131,56 +252,84 @@ def markdown(results: dict, command: str, plot: str) -> str:
         f"Command: `{command}`  ",
         f"torch {results['torch']}, {results['threads']} threads, "
         f"{results['calibration_samples']} calibration samples, seed {results['seed']}. "
-        "Post-training, no fine-tuning; every method sees the same calibration data. `ratio` is "
-        "the compressible weights' float32 bits over their stored bits (codes, scales and offsets "
-        f"counted); bits/weight = 32 / ratio. Float: {head} {float_row[head]:.4f}, calibration "
+        "Post-training, no fine-tuning; every method and peer sees the same calibration data. "
+        "`ratio` is the compressible weights' float32 bits over their stored bits (codes, scales, "
+        "offsets and zero points counted; a peer's codes bit-packed, its scales at the dtype it "
+        "holds them; a weight left in float counts 32 bits); bits/weight = 32 / ratio. Latency is "
+        f"one forward pass on {LATENCY_BATCH} test inputs relative to the float model, median of "
+        f"{LATENCY_REPEATS} interleaved rounds. Float: {head} {float_row[head]:.4f}, calibration "
         f"loss {float_row['calibration_loss']:.4f}.",
         "",
         f"| method | budget | ratio | bits/weight | {head} | delta (pt) | calibration loss "
-        "| predicted damage | seconds (scoring + plan) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| latency | predicted damage | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"][1:]:
-        if "out_of_reach" in r:
-            lines.append(f"| {r['method']} | {r['budget']} | out of reach | | | | | | |")
+        if "out_of_reach" in r or "skipped" in r:
+            why = "out of reach" if "out_of_reach" in r else "not run: " + r["skipped"]
+            lines.append(f"| {r['method']} | {r['budget']} | {why} | | | | | | | |")
             continue
+        damage = f"{r['predicted_damage']:.4g}" if "predicted_damage" in r else "-"
+        seconds = (
+            f"{r['scoring_seconds']:.0f} + {r['seconds']:.0f}"
+            if "scoring_seconds" in r
+            else f"{r['seconds']:.0f}"
+        )
         lines.append(
             f"| {r['method']} | {r['budget']} | {r['ratio']:.2f}x "
             f"| {r['bits_per_weight']:.2f} | {r[head]:.4f} "
             f"| {100 * (r[head] - float_row[head]):+.2f} | {r['calibration_loss']:.4f} "
-            f"| {r['predicted_damage']:.4g} | {r['scoring_seconds']:.0f} + {r['seconds']:.0f} |"
+            f"| {r['latency_ratio']:.2f}x | {damage} | {seconds} |"
         )
     lines += [
         "",
         "Predicted damage is in each method's own error-model units (comparable only within a "
         "method): nats of calibration loss for `cet`, `cet-steer` (1/2 d'Hd) and `cet-gradient` "
         "(g.d + 1/2 d'Hd), HAWQ's Omega for `hawq-*`, squared weight error for "
-        "`weight-error-quant`, squared output error for the uniform methods.",
-        "",
-        f"![pareto]({plot})",
-        "",
+        "`weight-error-quant`, squared output error for the uniform methods. Seconds are scoring "
+        "(once per method) + planning, applying and evaluating one budget; for a peer, its own run.",
     ]
+    if results.get("native"):
+        lines += [
+            "",
+            f"`{results['native']}` also ran at every distinct ratio a peer reached "
+            f"(from {results['native_from']:g}x up, rounded up to 0.01x), so each of those peer "
+            "points has an allot point of the same size or smaller.",
+        ]
+    peers = [r for r in results["rows"] if r.get("peer")]
+    if results.get("peers"):
+        lines += ["", "## Peers", ""]
+        lines += [f"- {name} {version}" for name, version in results["peers"].items()]
+        lines += ["", "| peer | setting | grid and rounding | notes |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['method']} | {r['budget']} | {cell(r['grid'])} | {cell('; '.join(r['notes']))} |"
+            for r in peers
+        ]
+    lines += ["", f"![pareto]({plot})", ""]
     return "\n".join(lines)
+
+
+def cell(text: str) -> str:
+    """Text made safe for a markdown table cell."""
+    return text.replace("|", "\\|")
 
 
 def pareto_plot(results: dict, path: Path) -> None:
     head = results["headline"]
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(8, 5))
     float_value = results["rows"][0][head]
     axis.axhline(float_value, color="black", linewidth=0.8, linestyle=":", label="float")
-    methods = dict.fromkeys(r["method"] for r in results["rows"][1:])
-    for method in methods:
-        points = sorted(
-            (r["bits_per_weight"], r[head])
-            for r in results["rows"]
-            if r["method"] == method and "out_of_reach" not in r
-        )
-        if points:
-            axis.plot(*zip(*points, strict=True), marker="o", label=method)
-    axis.set_xlabel("bits per weight (scales and offsets included)")
+    measured = [r for r in results["rows"][1:] if "out_of_reach" not in r and "skipped" not in r]
+    for method in dict.fromkeys(r["method"] for r in measured):
+        points = sorted((r["bits_per_weight"], r[head]) for r in measured if r["method"] == method)
+        if any(r.get("peer") for r in measured if r["method"] == method):
+            axis.scatter(*zip(*points, strict=True), marker="x", s=40, label=method)
+        else:
+            axis.plot(*zip(*points, strict=True), marker="o", markersize=4, label=method)
+    axis.set_xlabel("bits per weight (scales, offsets and zero points included)")
     axis.set_ylabel(head)
-    axis.set_title(f"{results['model']}: post-training mixed precision")
-    axis.legend(fontsize=8)
+    axis.set_title(f"{results['model']}: post-training quantization, allot (lines) and peers (x)")
+    axis.legend(fontsize=7, ncol=2)
     axis.grid(alpha=0.3)
     save_figure(figure, path)
 
@@ -193,12 +342,39 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--peers", help="comma-separated peers (default: every peer for the model's layer kind)"
+    )
+    parser.add_argument("--no-peers", action="store_true", help="run allot's methods only")
+    parser.add_argument(
+        "--native",
+        default="cet-steer",
+        help="allot method also run at each peer's ratio ('' for none)",
+    )
+    parser.add_argument(
+        "--native-from", type=float, default=0.0, help="only peer ratios of at least this"
+    )
+    parser.add_argument("--out", help="results file stem (default: <model>-quant-pareto)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
-    results = run(args.model, args.methods.split(","), ratios, args.calibration, args.seed)
+    peers = [] if args.no_peers else (args.peers.split(",") if args.peers else None)
+    native = args.native or None
+    if native not in (None, CET_GRADIENT.name) and get_method(native).allocator == "uniform":
+        parser.error(f"--native needs an allocator that meets a ratio; {native} is uniform")
+    methods = [m for m in args.methods.split(",") if m]
+    results = run(
+        args.model,
+        methods,
+        ratios,
+        args.calibration,
+        args.seed,
+        peers,
+        native,
+        args.native_from,
+    )
     results["command"] = command()
-    stem = f"{args.model}-quant-pareto"
+    stem = args.out or f"{args.model}-quant-pareto"
     write_json(RESULTS / f"{stem}.json", results)
     pareto_plot(results, RESULTS / f"{stem}.png")
     text = markdown(results, results["command"], f"{stem}.png")

@@ -23,6 +23,7 @@ interleaved rounds in the same run. Writes bench/results/<out>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
@@ -69,9 +70,16 @@ CET_GRADIENT = Method(
 
 
 class Bench:
-    """One run's shared state: the model, its folded copy, the data, the float row, the timer."""
+    """One run's shared state: the model, its folded copy, the data, the rows so far.
 
-    def __init__(self, model_name: str, calibration: int, seed: int) -> None:
+    Every finished row is also written to `journal` (atomically), and a run started again with the
+    same model, calibration size and seed takes its finished rows from there instead of running
+    them again, so an interrupted run of hours resumes where it stopped."""
+
+    def __init__(self, model_name: str, calibration: int, seed: int, journal: Path) -> None:
+        self.key = {"model": model_name, "calibration": calibration, "seed": seed}
+        self.journal = journal
+        self.done = self._finished_rows()
         self.model_name = model_name
         self.seed = seed
         self.model = create_model(model_name)
@@ -92,6 +100,30 @@ class Bench:
         }
         self.rows: list[dict] = [self.float_row]
 
+    def _finished_rows(self) -> dict[tuple[str, str], dict]:
+        if not self.journal.exists():
+            return {}
+        saved = json.loads(self.journal.read_text())
+        if saved["key"] != self.key:
+            raise SystemExit(
+                f"{self.journal} holds rows of another run ({saved['key']}, not {self.key}); "
+                "delete it to start afresh"
+            )
+        print(f"resuming: {len(saved['rows']) - 1} finished rows in {self.journal}", flush=True)
+        return {(row["method"], row["budget"]): row for row in saved["rows"][1:]}
+
+    def add(self, row: dict) -> None:
+        """Append a finished row and journal it."""
+        self.rows.append(row)
+        write_json(self.journal, {"key": self.key, "rows": self.rows})
+
+    def resume(self, method: str, budget: str) -> bool:
+        """Take the row of (method, budget) from the journal if an earlier run finished it."""
+        row = self.done.get((method, budget))
+        if row is not None:
+            self.rows.append(row)
+        return row is not None
+
     def record(self, method: str, budget: str, model: nn.Module, ratio: float, **extra) -> dict:
         """Evaluate a compressed model and append its row (metrics, calibration loss, latency)."""
         base, compressed = latencies(
@@ -107,7 +139,7 @@ class Bench:
             "latency_ratio": compressed / base,
             **extra,
         }
-        self.rows.append(row)
+        self.add(row)
         delta = 100 * (row[self.head] - self.float_row[self.head])
         print(
             f"{method:20s} {budget:34s} {ratio:6.2f}x  {self.head} {row[self.head]:.4f} "
@@ -122,9 +154,7 @@ class Bench:
         try:
             result = compress_scored(scored, budget)
         except BudgetError as exc:
-            self.rows.append(
-                {"method": method, "budget": budget.describe(), "out_of_reach": str(exc)}
-            )
+            self.add({"method": method, "budget": budget.describe(), "out_of_reach": str(exc)})
             print(f"{method:20s} {budget.describe():34s} out of reach", flush=True)
             return
         plan = result.plan
@@ -144,10 +174,12 @@ class Bench:
         """Every setting of one peer, or one row saying why it cannot run here."""
         reason = peer.unavailable()
         if reason is not None:
-            self.rows.append({"method": peer.name, "budget": "-", "skipped": reason})
+            self.add({"method": peer.name, "budget": "-", "skipped": reason})
             print(f"{peer.name:20s} skipped: {reason}", flush=True)
             return
         for setting in peer.settings():
+            if self.resume(peer.name, setting.label):
+                continue
             start = time.perf_counter()
             run = peer.run(self.work, self.dataset, self.layers, setting)
             seconds = time.perf_counter() - start
@@ -191,8 +223,9 @@ def run(
     peers: list[str] | None,
     native: str | None,
     native_from: float,
+    journal: Path,
 ) -> dict:
-    bench = Bench(model_name, calibration, seed)
+    bench = Bench(model_name, calibration, seed, journal)
     targets = "conv" if conv_model(bench) else "linear"
     chosen = [
         peer
@@ -220,6 +253,9 @@ def run(
                     for r in bench.native_ratios(native_from)
                     if all(abs(r - x) > NATIVE_TOLERANCE * x for x in listed)
                 ]
+            budgets = [b for b in budgets if not bench.resume(method, b.describe())]
+            if not budgets:
+                continue
             start = time.perf_counter()
             scored = score(
                 bench.model,
@@ -363,6 +399,8 @@ def main() -> None:
     if native not in (None, CET_GRADIENT.name) and get_method(native).allocator == "uniform":
         parser.error(f"--native needs an allocator that meets a ratio; {native} is uniform")
     methods = [m for m in args.methods.split(",") if m]
+    stem = args.out or f"{args.model}-quant-pareto"
+    journal = RESULTS / f".{stem}.journal.json"
     results = run(
         args.model,
         methods,
@@ -372,13 +410,14 @@ def main() -> None:
         peers,
         native,
         args.native_from,
+        journal,
     )
     results["command"] = command()
-    stem = args.out or f"{args.model}-quant-pareto"
     write_json(RESULTS / f"{stem}.json", results)
     pareto_plot(results, RESULTS / f"{stem}.png")
     text = markdown(results, results["command"], f"{stem}.png")
     atomic_write(RESULTS / f"{stem}.md", text.encode())
+    journal.unlink()
     print(text)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from allot import Budget, compress
+from allot import Budget, apply, compress, compress_scored, score
 from allot.evaluate import calibration_loss, file_bytes, metrics
 from allot.exceptions import BudgetError, DataError
 from allot.methods import Method
@@ -90,3 +90,22 @@ def test_cet_plans_are_deterministic_and_steering_changes_only_the_codes(digits)
     assert steered.plan.weight_bits == nearest.plan.weight_bits
     assert {layer.scheme.label() for layer in steered.plan.layers} == {"quant3-steered"}
     assert calibration_loss(steered.model, digits) < calibration_loss(nearest.model, digits)
+
+
+def test_applying_a_scored_plan_reuses_the_fitted_candidates(digits, monkeypatch) -> None:
+    """compress_scored applies the modules scoring fitted: nothing is fitted again, and the model
+    equals the plan applied from scratch to the float model."""
+    model = create_model("test-cnn")
+    scored = score(model, digits, "cet-steer", model_name="test-cnn", progress=False)
+
+    def refit(*_args: object) -> None:
+        raise AssertionError("a scheme was fitted again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Quant, "compress", refit)
+        result = compress_scored(scored, Budget("ratio", 6))
+    fresh = apply(create_model("test-cnn"), result.plan, scored.profile)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], tensor), name
+    second = compress_scored(scored, Budget("ratio", 6)).model
+    assert all(a is not b for a, b in zip(second.modules(), result.model.modules(), strict=True))

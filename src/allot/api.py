@@ -209,9 +209,10 @@ def compress_scored(scored: Scored, budget: Budget) -> Result:
     n_weights = sum(layer.spec.numel for layer in layers)
     if budget.kind == "lossless":
         reference = calibration_loss(work, dataset)
-        plan = _lossless(scored, reference, options, make_plan)
+        choice, plan = _lossless(scored, reference, options, make_plan)
     elif budget.kind == "damage":
-        plan = make_plan(minimize_cost(options, float(budget.value)))
+        choice = minimize_cost(options, float(budget.value))
+        plan = make_plan(choice)
     else:
         other_bits = state_bits(work) - 32 * n_weights
         bits_cost = (
@@ -226,8 +227,9 @@ def compress_scored(scored: Scored, budget: Budget) -> Result:
                 f"{budget.describe()} is out of reach for method {method.name}: its smallest plan "
                 f"is {reach}; relax the budget or choose a method with smaller candidates"
             )
-        plan = make_plan(ALLOCATORS[method.allocator](options, limit))
-    compressed = apply(copy.deepcopy(scored.model), plan, scored.profile)
+        choice = ALLOCATORS[method.allocator](options, limit)
+        plan = make_plan(choice)
+    compressed = apply(copy.deepcopy(scored.model), plan, scored.profile, table.fitted(choice))
     plan.metadata["pareto"] = _pareto(options, n_weights)
     if get_error_model(method.error_model).curvature:
         deltas = plan_deltas(work, compressed, plan)
@@ -250,8 +252,8 @@ def _pareto(options: Options, n_weights: int) -> list[list[float]]:
 
 def _lossless(
     scored: Scored, reference: float, options: Options, make_plan: Callable[[list[int]], Plan]
-) -> Plan:
-    """The cheapest plan on the method's plan sequence whose measured calibration loss is not above
+) -> tuple[list[int], Plan]:
+    """The choice and plan of the cheapest plan on the method's plan sequence whose measured calibration loss is not above
     `reference`, the float (BatchNorm-folded) model's; the sequence ends with every layer kept,
     which always qualifies.
 
@@ -269,8 +271,10 @@ def _lossless(
         sequence = pareto_sweep(options)
     for choice in progress_bar(sequence, "lossless search", scored.progress):
         plan = make_plan(choice)
-        compressed = apply(copy.deepcopy(scored.model), plan, scored.profile)
+        compressed = apply(
+            copy.deepcopy(scored.model), plan, scored.profile, scored.table.fitted(choice)
+        )
         if calibration_loss(compressed, scored.dataset) <= reference:
             plan.metadata["lossless"] = {"float_calibration_loss": reference}
-            return plan
+            return choice, plan
     raise BudgetError("no plan keeps the calibration loss at the float model's; this is a bug")

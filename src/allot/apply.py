@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -14,15 +16,27 @@ if TYPE_CHECKING:
     from allot.profile.engine import Profile
 
 
-def apply(model: nn.Module, plan: Plan, profile: Profile | None = None) -> nn.Module:
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    profile: Profile | None = None,
+    fitted: Mapping[str, nn.Module] | None = None,
+) -> nn.Module:
     """Compress `model` in place according to `plan` (folding BatchNorm first where planned).
 
-    `profile` is the folded model's calibration profile, for schemes that fit to data. `PlanError`
-    if the plan does not fit the model. Returns the same model object, in eval mode.
+    `profile` is the folded model's calibration profile, for schemes that fit to data. `fitted`
+    maps layer names to modules already fitted by the plan's scheme to this model's (folded)
+    weights, as scoring leaves them (`CandidateTable.fitted`); a copy of each is used instead of
+    fitting again. `PlanError` if the plan does not fit the model. Returns the same model object,
+    in eval mode.
     """
     fold_batchnorm(model.eval(), plan.folded)
     plan.check_fits(discover(model))
+    fitted = fitted or {}
     for layer in plan.layers:
+        if layer.name in fitted:
+            model.set_submodule(layer.name, copy.deepcopy(fitted[layer.name]))
+            continue
         weight, bias = get_weight(model, layer.name)
         view = profile.layer(layer.name) if profile is not None else None
         model.set_submodule(layer.name, layer.scheme.compress(weight, bias, layer.spec, view))

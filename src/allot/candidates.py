@@ -7,7 +7,7 @@ from the actual perturbation dW = W_hat - W, and its cost is the scheme's exact 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,11 +26,13 @@ Grid = Callable[[LayerSpec], list[Scheme]]
 
 @dataclass(frozen=True)
 class Candidate:
-    """One (layer, scheme) option: storage in bits and predicted damage (error-model units)."""
+    """One (layer, scheme) option: storage in bits, predicted damage (error-model units), and the
+    compressed module fitted while scoring it (so applying a plan does not fit it again)."""
 
     scheme: Scheme
     cost_bits: int
     damage: float
+    module: nn.Module | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -51,6 +53,14 @@ class CandidateTable:
     def chosen(self, choice: list[int]) -> list[Candidate]:
         return [row[j] for row, j in zip(self.candidates, choice, strict=True)]
 
+    def fitted(self, choice: list[int]) -> dict[str, nn.Module]:
+        """The fitted modules of a choice, by layer name (layers scored without one are left out)."""
+        return {
+            layer.name: cand.module
+            for layer, cand in zip(self.layers, self.chosen(choice), strict=True)
+            if cand.module is not None
+        }
+
 
 def score_candidates(
     model: nn.Module,
@@ -63,8 +73,11 @@ def score_candidates(
     """Fit every grid scheme to every layer and predict its damage with `error_model`.
 
     All perturbations go to the error model in one call, so curvature models share their passes.
+    Each candidate keeps its fitted module (compressed storage, far smaller than the dense
+    perturbations held while scoring).
     """
     schemes = [grid(layer.spec) for layer in layers]
+    modules: dict[str, list[nn.Module]] = {}
     deltas: dict[str, list[Tensor]] = {}
     with torch.no_grad():
         for layer, row in zip(
@@ -72,15 +85,17 @@ def score_candidates(
         ):
             weight, bias = get_weight(model, layer.name)
             view = profile.layer(layer.name)
-            deltas[layer.name] = [
-                dense_weight(scheme.compress(weight, bias, layer.spec, view)) - weight
-                for scheme in row
+            modules[layer.name] = [
+                scheme.compress(weight, bias, layer.spec, view) for scheme in row
             ]
+            deltas[layer.name] = [dense_weight(m) - weight for m in modules[layer.name]]
     damages = error_model.damages(deltas, profile)
     rows = [
         [
-            Candidate(scheme, scheme.storage_bits(layer.spec), damage)
-            for scheme, damage in zip(row, damages[layer.name], strict=True)
+            Candidate(scheme, scheme.storage_bits(layer.spec), damage, module)
+            for scheme, damage, module in zip(
+                row, damages[layer.name], modules[layer.name], strict=True
+            )
         ]
         for layer, row in zip(layers, schemes, strict=True)
     ]

@@ -29,6 +29,7 @@ from allot.prediction import check_prediction, geometry, geometry_json, plan_del
 from allot.profile.cache import Cache
 from allot.profile.engine import Profile, Settings
 from allot.progress import progress_bar
+from allot.refine import get_refiner
 from allot.schemes import Quant
 from allot.zoo.data import Dataset, describe, forward
 
@@ -229,7 +230,7 @@ def compress_scored(scored: Scored, budget: Budget) -> Result:
             )
         choice = ALLOCATORS[method.allocator](options, limit)
         plan = make_plan(choice)
-    compressed = apply(copy.deepcopy(scored.model), plan, scored.profile, table.fitted(choice))
+    compressed = _build(scored, plan, choice)
     plan.metadata["pareto"] = _pareto(options, n_weights)
     if get_error_model(method.error_model).curvature:
         deltas = plan_deltas(work, compressed, plan)
@@ -237,6 +238,20 @@ def compress_scored(scored: Scored, budget: Budget) -> Result:
         plan.metadata["prediction"] = check.to_json()
         plan.metadata["geometry"] = geometry_json(geometry(scored.profile, deltas))
     return Result(compressed, plan, table, scored.profile)
+
+
+def _build(scored: Scored, plan: Plan, choice: list[int]) -> nn.Module:
+    """The plan applied to a copy of the model with the candidates scoring fitted, then refined
+    as the method says (recorded in the plan's metadata)."""
+    compressed = apply(
+        copy.deepcopy(scored.model), plan, scored.profile, scored.table.fitted(choice)
+    )
+    if scored.method.refine is not None:
+        get_refiner(scored.method.refine)(
+            scored.work, compressed, plan, scored.dataset, scored.progress
+        )
+        plan.metadata["refine"] = scored.method.refine
+    return compressed
 
 
 def _pareto(options: Options, n_weights: int) -> list[list[float]]:
@@ -271,9 +286,7 @@ def _lossless(
         sequence = pareto_sweep(options)
     for choice in progress_bar(sequence, "lossless search", scored.progress):
         plan = make_plan(choice)
-        compressed = apply(
-            copy.deepcopy(scored.model), plan, scored.profile, scored.table.fitted(choice)
-        )
+        compressed = _build(scored, plan, choice)
         if calibration_loss(compressed, scored.dataset) <= reference:
             plan.metadata["lossless"] = {"float_calibration_loss": reference}
             return choice, plan

@@ -14,13 +14,15 @@ METHODS: dict[str, Method] = {}
 @dataclass(frozen=True)
 class Method:
     """A named recipe. `allocator` is a key of `allot.allocate.ALLOCATORS`; `error_model` a key of
-    `allot.errors.ERROR_MODELS`."""
+    `allot.errors.ERROR_MODELS`; `refine`, if set, a key of `allot.refine.REFINERS` run on the
+    applied plan."""
 
     name: str
     description: str
     grid: Grid
     error_model: str = "output"
     allocator: str = "knapsack"
+    refine: str | None = None
 
 
 def register_method(method: Method) -> Method:

@@ -74,6 +74,13 @@ for method in (
         error_model="curvature",
     ),
     Method(
+        "cet-feedback",
+        "cet-steer, then each steered layer re-fitted in order on the compressed model's inputs",
+        steered_grid,
+        error_model="curvature",
+        refine="feedback",
+    ),
+    Method(
         "hawq-v2",
         "bits per layer by exact knapsack on HAWQ-V2's trace-weighted squared weight error",
         cet_grid,
@@ -85,6 +92,14 @@ for method in (
         uniform_steered_grid,
         error_model="output",
         allocator="uniform",
+    ),
+    Method(
+        "uniform-feedback",
+        "uniform-steered, then each layer re-fitted in order on the compressed model's inputs",
+        uniform_steered_grid,
+        error_model="output",
+        allocator="uniform",
+        refine="feedback",
     ),
     Method(
         "hawq-v3",

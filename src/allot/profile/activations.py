@@ -59,6 +59,15 @@ def _explicit_padding(
     return F.pad(x, pads)
 
 
+def layer_rows(x: Tensor, spec: LayerSpec, mask: Tensor | None) -> Tensor:
+    """A layer input as rows (one per input row or unfolded patch), without the rows of padding
+    tokens when `mask` (the batch's real tokens, N x T) matches the input's leading dimensions."""
+    x = x.detach()
+    if mask is not None and x.shape[:2] == mask.shape:
+        x = x[mask]
+    return patches(x, spec)
+
+
 @torch.no_grad()
 def input_statistics(
     model: nn.Module, layers: list[Layer], batches: Iterable[Batch], progress: bool = True
@@ -75,10 +84,7 @@ def input_statistics(
             name: str = layer.name,
             spec: LayerSpec = layer.spec,
         ) -> None:
-            x = args[0].detach()
-            if mask[0] is not None and x.shape[:2] == mask[0].shape:
-                x = x[mask[0]]
-            rows = patches(x, spec)
+            rows = layer_rows(args[0], spec, mask[0])
             entry = stats[name]
             cov = (rows.T @ rows).double()
             entry.input_cov = cov if entry.input_cov is None else entry.input_cov + cov

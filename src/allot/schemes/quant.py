@@ -24,6 +24,7 @@ from allot.schemes.steer import steer
 
 if TYPE_CHECKING:
     from allot.profile.engine import LayerProfile
+    from allot.stats import LayerStats
 
 MAX_BITS = 8
 
@@ -80,8 +81,16 @@ class Quant(Scheme):
                 "compress does), or use rounding='nearest'"
             )
         else:
-            groups = group_count(spec.fan_in, self.group)
-            codes, scale, offset = steer(weight_2d, self.bits, groups, profile.inputs())
+            return self.fit_steered(weight, bias, spec, profile.inputs())
+        return QuantizedLayer.from_codes(spec, self.bits, codes, scale, offset, bias)
+
+    def fit_steered(
+        self, weight: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats
+    ) -> QuantizedLayer:
+        """Steered codes of `weight` under the input second moments `stats` (this scheme's bits
+        and grouping, whatever its rounding)."""
+        groups = group_count(spec.fan_in, self.group)
+        codes, scale, offset = steer(fold_weight_2d(weight), self.bits, groups, stats)
         return QuantizedLayer.from_codes(spec, self.bits, codes, scale, offset, bias)
 
     def empty(self, spec: LayerSpec) -> QuantizedLayer:

@@ -1,0 +1,112 @@
+"""Error feedback: re-fit a plan's steered layers in order, each on the inputs the already
+compressed layers before it really produce, towards the float model's outputs.
+
+Steering fits every layer alone, on the float model's inputs. Once a plan is applied, layer l
+sees inputs x_q that the compressed layers before it have moved away from the float inputs x_f.
+Refining layer l then minimises, over its codes W~ on its own grid,
+
+    sum ||W x_f - W~ x_q||^2 + lam ||W~ - W||^2    (summed over calibration rows or patches)
+
+which is (W~ - T)(M_qq + lam I)(W~ - T)' up to a constant, with M_qq = sum x_q x_q' and the target
+
+    T = (W M_fq + lam W) (M_qq + lam I)^-1,     M_fq = sum x_f x_q'.
+
+The ridge term pulls T towards the float weight where the inputs do not determine it (fewer rows
+than inputs), and T = W exactly when nothing upstream changed (x_q = x_f). lam is `DAMPING` times
+the mean diagonal of M_qq, as in steering. The layer's scheme, bits and storage stay the plan's:
+only its codes, scales and offsets change, steered on M_qq as `steer` steers on M. This is the idea of GPTQ's and AdaRound's layer-by-layer
+fitting on the quantized model's inputs, applied to allot's steered rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from allot.discover import LayerSpec, fold_weight_2d, get_weight
+from allot.plan import Plan
+from allot.profile.activations import layer_rows
+from allot.progress import progress_bar
+from allot.schemes import Quant
+from allot.schemes.steer import DAMPING
+from allot.stats import LayerStats
+from allot.zoo.data import Batch, Dataset, forward, token_mask
+
+
+def refined_layers(plan: Plan) -> list[str]:
+    """The plan's layers error feedback re-fits: those quantized with steered rounding."""
+    return [
+        layer.name
+        for layer in plan.layers
+        if isinstance(layer.scheme, Quant) and layer.scheme.rounding == "steered"
+    ]
+
+
+@torch.no_grad()
+def feedback(
+    reference: nn.Module, model: nn.Module, plan: Plan, dataset: Dataset, progress: bool = True
+) -> nn.Module:
+    """Re-fit `model`'s steered layers (the plan applied to `reference`, the float BatchNorm-folded
+    model) in order on the calibration split, in place; returns `model`."""
+    batches = list(dataset.calibration.batches(dataset.batch_size))
+    planned = {layer.name: layer for layer in plan.layers}
+    for name in progress_bar(refined_layers(plan), "error feedback", progress):
+        layer = planned[name]
+        quantized, cross = paired_moments(reference, model, name, layer.spec, batches)
+        weight, bias = get_weight(reference, name)
+        target = feedback_target(fold_weight_2d(weight).double(), quantized, cross)
+        scheme = layer.scheme
+        assert isinstance(scheme, Quant)
+        model.set_submodule(
+            name,
+            scheme.fit_steered(
+                target.to(weight.dtype).reshape(weight.shape), bias, layer.spec, quantized
+            ),
+        )
+    return model.eval()
+
+
+def paired_moments(
+    reference: nn.Module, model: nn.Module, name: str, spec: LayerSpec, batches: list[Batch]
+) -> tuple[LayerStats, Tensor]:
+    """Layer `name`'s input second moment in `model` (sum x_q x_q', float64, with its row count)
+    and the cross moment with the same rows in `reference` (sum x_f x_q')."""
+    captured: dict[str, Tensor] = {}
+    mask: list[Tensor | None] = [None]
+
+    def capture(key: str):
+        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            captured[key] = layer_rows(args[0], spec, mask[0]).double()
+
+        return hook
+
+    handles = [
+        reference.get_submodule(name).register_forward_pre_hook(capture("float")),
+        model.get_submodule(name).register_forward_pre_hook(capture("quantized")),
+    ]
+    second, cross, rows = None, None, 0
+    try:
+        for inputs, _targets in batches:
+            mask[0] = token_mask(inputs)
+            forward(reference.eval(), inputs)
+            forward(model.eval(), inputs)
+            x_q, x_f = captured["quantized"], captured["float"]
+            second = x_q.T @ x_q if second is None else second + x_q.T @ x_q
+            cross = x_f.T @ x_q if cross is None else cross + x_f.T @ x_q
+            rows += x_q.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert second is not None and cross is not None
+    return LayerStats(second, rows), cross
+
+
+def feedback_target(weight_2d: Tensor, quantized: LayerStats, cross: Tensor) -> Tensor:
+    """T = (W M_fq + lam W)(M_qq + lam I)^-1 for a folded float64 weight (out x fan_in), with
+    M_qq and M_fq summed over `quantized.samples` rows and lam = DAMPING * mean diag(M_qq)."""
+    assert quantized.input_cov is not None
+    second = quantized.input_cov
+    lam = DAMPING * float(second.diagonal().mean())
+    eye = torch.eye(second.shape[0], dtype=second.dtype)
+    right = weight_2d @ cross + lam * weight_2d
+    return torch.linalg.solve(second + lam * eye, right.T).T

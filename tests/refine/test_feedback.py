@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from allot import Budget, compress
+from allot.evaluate import calibration_loss
+from allot.exceptions import ConfigError
+from allot.refine import get_refiner
+from allot.refine.feedback import feedback_target, refined_layers
+from allot.schemes.steer import DAMPING
+from allot.stats import LayerStats
+from allot.zoo import create_model
+
+
+def _moments(x_q: torch.Tensor, x_f: torch.Tensor) -> tuple[LayerStats, torch.Tensor]:
+    return LayerStats(x_q.T @ x_q, x_q.shape[0]), x_f.T @ x_q
+
+
+def test_target_is_the_float_weight_when_nothing_upstream_changed() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    weight = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(feedback_target(weight, *_moments(x, x)), weight)
+
+
+def test_target_solves_the_ridge_least_squares_problem() -> None:
+    """T minimises sum ||W x_f - T x_q||^2 + lam ||T - W||^2, checked against lstsq on the stacked
+    system, with fewer rows than inputs so that the ridge term matters."""
+    torch.manual_seed(1)
+    x_f = torch.randn(5, 8, dtype=torch.float64)
+    x_q = x_f + 0.3 * torch.randn(5, 8, dtype=torch.float64)
+    weight = torch.randn(4, 8, dtype=torch.float64)
+    stats, cross = _moments(x_q, x_f)
+    lam = DAMPING * float(stats.input_cov.diagonal().mean())
+    design = torch.cat([x_q, lam**0.5 * torch.eye(8, dtype=torch.float64)])
+    wanted = torch.cat([x_f @ weight.T, lam**0.5 * weight.T])
+    expected = torch.linalg.lstsq(design, wanted).solution.T
+    torch.testing.assert_close(feedback_target(weight, stats, cross), expected)
+
+
+def test_feedback_lowers_the_loss_of_a_steered_plan_and_stores_the_same(digits) -> None:
+    def run(method: str):
+        model = create_model("test-cnn")
+        return compress(model, digits, method, Budget("bits", 2), progress=False)
+
+    steered, refined = run("uniform-steered"), run("uniform-feedback")
+    assert refined.plan.metadata["refine"] == "feedback"
+    assert "refine" not in steered.plan.metadata
+    assert refined.plan.weight_bits == steered.plan.weight_bits
+    assert refined_layers(refined.plan) == [layer.name for layer in refined.plan.layers]
+    assert calibration_loss(refined.model, digits) < calibration_loss(steered.model, digits)
+
+
+def test_only_steered_layers_are_refined(digits) -> None:
+    plan = compress(
+        create_model("test-cnn"), digits, "uniform-quant", Budget("bits", 4), progress=False
+    ).plan
+    assert refined_layers(plan) == []
+
+
+def test_unknown_refinement_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown refinement"):
+        get_refiner("polish")

@@ -49,12 +49,14 @@ from allot.zoo import Dataset, create_model, get_dataset, get_entry
 METHODS = (
     "uniform-quant",
     "uniform-steered",
+    "uniform-feedback",
     "weight-error-quant",
     "hawq-v2",
     "hawq-v3",
     "cet-gradient",
     "cet",
     "cet-steer",
+    "cet-feedback",
 )
 RATIOS = (4.0, 8.0, 11.0, 16.0)
 UNIFORM_BITS = (2, 3, 4, 8)

@@ -358,12 +358,18 @@ def pareto_plot(results: dict, path: Path) -> None:
     float_value = results["rows"][0][head]
     axis.axhline(float_value, color="black", linewidth=0.8, linestyle=":", label="float")
     measured = [r for r in results["rows"][1:] if "out_of_reach" not in r and "skipped" not in r]
-    for method in dict.fromkeys(r["method"] for r in measured):
-        points = sorted((r["bits_per_weight"], r[head]) for r in measured if r["method"] == method)
-        if any(r.get("peer") for r in measured if r["method"] == method):
-            axis.scatter(*zip(*points, strict=True), marker="x", s=40, label=method)
-        else:
-            axis.plot(*zip(*points, strict=True), marker="o", markersize=4, label=method)
+    names = list(dict.fromkeys(r["method"] for r in measured))
+    peers = [n for n in names if any(r.get("peer") for r in measured if r["method"] == n)]
+    methods = [n for n in names if n not in peers]
+    colours = {
+        **{n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(methods)},
+        **{n: plt.get_cmap("Dark2")(i % 8) for i, n in enumerate(peers)},
+    }
+    for name in names:
+        points = sorted((r["bits_per_weight"], r[head]) for r in measured if r["method"] == name)
+        style = {"marker": "x", "s": 40} if name in peers else {"marker": "o", "markersize": 4}
+        draw = axis.scatter if name in peers else axis.plot
+        draw(*zip(*points, strict=True), color=colours[name], label=name, **style)
     axis.set_xlabel("bits per weight (scales, offsets and zero points included)")
     axis.set_ylabel(head)
     axis.set_title(f"{results['model']}: post-training quantization, allot (lines) and peers (x)")

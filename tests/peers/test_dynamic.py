@@ -6,7 +6,7 @@ from allot.discover import discover
 from allot.exceptions import ConfigError
 from allot.peers.base import Setting, ratio
 from allot.peers.dynamic import PEERS
-from allot.zoo import create_model, get_dataset
+from allot.zoo import create_model
 from allot.zoo.data import forward
 
 dynamic = pytest.importorskip(
@@ -17,9 +17,7 @@ PEER = PEERS[0]
 
 
 @pytest.fixture(scope="module")
-def mlp():
-    model = create_model("test-mlp")
-    dataset = get_dataset("digits", calibration_size=16, seed=0)
+def mlp(model, dataset):
     layers = discover(model).layers
     return model, dataset, layers, PEER.run(model, dataset, layers, PEER.settings()[0])
 

@@ -11,21 +11,10 @@ from allot.discover import discover
 from allot.exceptions import ConfigError
 from allot.peers.base import Setting, packed_bits, tensor_bits
 from allot.peers.hqq import PEERS, CastLinear
-from allot.zoo import create_model, get_dataset
 
 PEER = PEERS[0]
 if (REASON := PEER.unavailable()) is not None:
     pytest.skip(REASON, allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def model() -> nn.Module:
-    return create_model("test-mlp")
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return get_dataset("digits", calibration_size=32, seed=0)
 
 
 def run(model: nn.Module, dataset, bits: int, group_size: int):

@@ -9,7 +9,6 @@ from allot.discover import discover
 from allot.exceptions import ConfigError
 from allot.peers.base import PeerRun, Setting
 from allot.peers.nncf import PEERS, _samples
-from allot.zoo import create_model, get_dataset
 from allot.zoo.data import Dataset, Split, forward
 
 nncf = pytest.importorskip("nncf", reason="nncf is not installed: pip install -e '.[peers]'")
@@ -24,9 +23,7 @@ AWQ_SE = "int4_asym g64 r1.0 data-aware awq se"
 
 
 @pytest.fixture(scope="module")
-def mlp():
-    model = create_model("test-mlp")
-    dataset = get_dataset("digits", calibration_size=16, seed=0)
+def mlp(model, dataset):
     return model, dataset, discover(model).layers
 
 

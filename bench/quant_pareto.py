@@ -324,15 +324,17 @@ def markdown(results: dict, command: str, plot: str) -> str:
         "Predicted damage is in each method's own error-model units (comparable only within a "
         "method): nats of calibration loss for `cet`, `cet-steer` (1/2 d'Hd) and `cet-gradient` "
         "(g.d + 1/2 d'Hd), HAWQ's Omega for `hawq-*`, squared weight error for "
-        "`weight-error-quant`, squared output error for the uniform methods. Seconds are scoring "
+        "`weight-error-quant`, squared output error for the uniform methods; a `-feedback` row "
+        "shows its plan's prediction before error feedback re-fits the layers. Seconds are scoring "
         "(once per method) + planning, applying and evaluating one budget; for a peer, its own run.",
     ]
     if results.get("native"):
+        lowest = f" from {results['native_from']:g}x up" if results["native_from"] > 0 else ""
         lines += [
             "",
-            f"`{results['native']}` also ran at every distinct ratio a peer reached "
-            f"(from {results['native_from']:g}x up, rounded up to 0.01x), so each of those peer "
-            "points has an allot point of the same size or smaller.",
+            f"`{results['native']}` also ran at every distinct ratio a peer reached{lowest} "
+            "(rounded up to 0.01x), so each of those peer points has an allot point of the same "
+            "size or smaller.",
         ]
     peers = [r for r in results["rows"] if r.get("peer")]
     if results.get("peers"):

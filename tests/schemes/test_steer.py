@@ -10,7 +10,7 @@ from allot.exceptions import ConfigError
 from allot.modules.base import dense_weight
 from allot.schemes import Quant
 from allot.schemes.grid import grid_levels, quantize_rtn
-from allot.schemes.steer import steer
+from allot.schemes.steer import grid_least_squares, steer
 from allot.stats import LayerStats
 
 
@@ -91,3 +91,45 @@ def test_steered_quant_needs_a_profile_and_parses() -> None:
     assert scheme.label() == "quant3g4-steered"
     assert scheme.storage_bits(case.spec) == Quant(3, 4).storage_bits(case.spec)
     assert fold_weight_2d(case.weight).shape == (6, 20)
+
+
+def test_grid_least_squares_solves_the_dense_weighted_least_squares_problem() -> None:
+    # Reference: the (fan_in x 2 groups) design of every row written out, solved by lstsq on
+    # M^1/2 A theta = M^1/2 w.
+    w, stats = _problem(seed=4)
+    w = w.double()
+    second = stats.input_cov / stats.samples
+    groups, size = 3, w.shape[1] // 3
+    codes = torch.randint(0, 4, w.shape, generator=torch.Generator().manual_seed(0)).double()
+    offset, scale = grid_least_squares(codes, w, groups, second)
+    root = torch.linalg.cholesky(second).T  # second = root' root
+    for row in range(w.shape[0]):
+        design = torch.zeros(w.shape[1], 2 * groups, dtype=torch.float64)
+        for g in range(groups):
+            design[g * size : (g + 1) * size, g] = 1.0
+            design[g * size : (g + 1) * size, groups + g] = codes[row, g * size : (g + 1) * size]
+        theta = torch.linalg.lstsq(root @ design, root @ w[row]).solution.to(torch.float16)
+        assert torch.equal(offset[row], theta[:groups])
+        assert torch.equal(scale[row], theta[groups:])
+
+
+@pytest.mark.parametrize(("bits", "group"), [(2, None), (3, 8), (4, None)])
+def test_refit_lowers_every_row_and_keeps_the_stored_form(bits, group) -> None:
+    w, stats = _problem(seed=5)
+    groups = 1 if group is None else w.shape[1] // group
+    plain = _objective(w, *steer(w, bits, groups, stats), bits, stats)
+    codes, scale, offset = steer(w, bits, groups, stats, refit=True)
+    refitted = _objective(w, codes, scale, offset, bits, stats)
+    assert (refitted <= plain + 1e-12).all()
+    assert refitted.sum() < 0.9 * plain.sum()  # steered codes want another grid than RTN's
+    assert codes.dtype == torch.int64 and 0 <= int(codes.min()) <= int(codes.max()) < 2**bits
+    assert scale.dtype == torch.float16 and offset is not None and offset.dtype == torch.float16
+    assert (scale > 0).all()
+
+
+def test_refit_leaves_scaled_sign_grids_alone() -> None:
+    w, stats = _problem(seed=5)
+    codes, scale, offset = steer(w, 1, 1, stats)
+    refit_codes, refit_scale, refit_offset = steer(w, 1, 1, stats, refit=True)
+    assert torch.equal(codes, refit_codes) and torch.equal(scale, refit_scale)
+    assert offset is None and refit_offset is None

@@ -3,7 +3,7 @@ compressed layers before it really produce, towards the float model's outputs.
 
 Steering fits every layer alone, on the float model's inputs. Once a plan is applied, layer l
 sees inputs x_q that the compressed layers before it have moved away from the float inputs x_f.
-Refining layer l then minimises, over its codes W~ on its own grid,
+Refining layer l then minimises, over its quantized weight W~ (codes and grid, at the plan's bits),
 
     sum ||W x_f - W~ x_q||^2 + lam ||W~ - W||^2    (summed over calibration rows or patches)
 
@@ -14,8 +14,10 @@ which is (W~ - T)(M_qq + lam I)(W~ - T)' up to a constant, with M_qq = sum x_q x
 The ridge term pulls T towards the float weight where the inputs do not determine it (fewer rows
 than inputs), and T = W exactly when nothing upstream changed (x_q = x_f). lam is `DAMPING` times
 the mean diagonal of M_qq, as in steering. The layer's scheme, bits and storage stay the plan's:
-only its codes, scales and offsets change, steered on M_qq as `steer` steers on M. This is the idea of GPTQ's and AdaRound's layer-by-layer
-fitting on the quantized model's inputs, applied to allot's steered rounding.
+only its codes, scales and offsets change, steered on M_qq as `steer` steers on M, and with the
+grid then re-fitted to the codes by least squares (`steer`'s `refit`). This is the idea of GPTQ's
+and AdaRound's layer-by-layer fitting on the quantized model's inputs, applied to allot's steered
+rounding.
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ def feedback(
         model.set_submodule(
             name,
             scheme.fit_steered(
-                target.to(weight.dtype).reshape(weight.shape), bias, layer.spec, quantized
+                target.to(weight.dtype).reshape(weight.shape),
+                bias,
+                layer.spec,
+                quantized,
+                refit=True,
             ),
         )
     return model.eval()

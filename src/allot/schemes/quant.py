@@ -85,12 +85,17 @@ class Quant(Scheme):
         return QuantizedLayer.from_codes(spec, self.bits, codes, scale, offset, bias)
 
     def fit_steered(
-        self, weight: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        stats: LayerStats,
+        refit: bool = False,
     ) -> QuantizedLayer:
         """Steered codes of `weight` under the input second moments `stats` (this scheme's bits
-        and grouping, whatever its rounding)."""
+        and grouping, whatever its rounding); `refit` re-fits the grid to the codes (`steer`)."""
         groups = group_count(spec.fan_in, self.group)
-        codes, scale, offset = steer(fold_weight_2d(weight), self.bits, groups, stats)
+        codes, scale, offset = steer(fold_weight_2d(weight), self.bits, groups, stats, refit)
         return QuantizedLayer.from_codes(spec, self.bits, codes, scale, offset, bias)
 
     def empty(self, spec: LayerSpec) -> QuantizedLayer:

@@ -25,6 +25,15 @@ Per row, in three steps, each judged by f:
 3. refinement: coordinate descent over codes +-1 on f, a few sweeps.
 Each row finally keeps whichever of the steered and the round-to-nearest codes has the lower f, so
 steering never predicts more damage than round-to-nearest on the same grid.
+
+With `refit` (error feedback asks for it), `REFITS` more rounds follow, each kept by a row only if
+it lowers f:
+4. grid re-fit: with the codes fixed, f is quadratic in the row's offsets and scales, so they are
+   solved for exactly (least squares under M), then stored as float16;
+5. refinement (step 3) on the re-fitted grid.
+Steps 1-3 choose the grid by its round-to-nearest codes; at 2 bits the best grid for the steered
+codes is far from it (on ResNet-20 the re-fit lowers the calibration loss of error feedback's 2-bit
+model from 0.0071 to 0.0062). Scaled-sign grids (1 bit) are not re-fitted.
 """
 
 from __future__ import annotations
@@ -38,15 +47,16 @@ from allot.stats import LayerStats
 
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
 SWEEPS = 4
+REFITS = 2
 DAMPING = 0.01
 
 
 def steer(
-    weight_2d: Tensor, bits: int, groups: int, stats: LayerStats
+    weight_2d: Tensor, bits: int, groups: int, stats: LayerStats, refit: bool = False
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Steered `(codes, scale, offset)` of a folded (out, fan_in) weight, in the stored form of
     `QuantizedLayer` (as `quantize_rtn` returns them), with `groups` scale groups per row and
-    `stats` the layer's calibration input statistics."""
+    `stats` the layer's calibration input statistics; `refit` re-fits the grid to the codes."""
     out, fan_in = weight_2d.shape
     w = weight_2d.detach().double()
     objective = _Objective(stats.input_cov.double() / stats.samples)
@@ -69,7 +79,73 @@ def steer(
     codes = _sequential(w, low, step, levels, objective.second)
     codes = _refine(codes, w, low, step, levels, objective)
     keep_rtn = rtn_value <= objective(low + step * codes - w)
-    return torch.where(keep_rtn[:, None], rtn, codes.to(torch.int64)), scale, offset
+    codes = torch.where(keep_rtn[:, None], rtn, codes.to(torch.int64))
+    if refit and offset is not None:
+        codes, scale, offset = _refit(codes, w, bits, scale, offset, objective)
+    return codes, scale, offset
+
+
+def _refit(
+    codes: Tensor, w: Tensor, bits: int, scale: Tensor, offset: Tensor, objective: _Objective
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`REFITS` rounds of grid least squares then code refinement; a row takes a round's
+    `(codes, scale, offset)` only if they lower its f."""
+    value = objective(_dequantize(codes, bits, scale, offset) - w)
+    size = w.shape[1] // scale.shape[1]
+    for _ in range(REFITS):
+        fitted_offset, fitted_scale = grid_least_squares(
+            codes.double(), w, scale.shape[1], objective.second
+        )
+        usable = (
+            torch.isfinite(fitted_scale) & (fitted_scale > 0) & torch.isfinite(fitted_offset)
+        ).all(1)
+        new_scale = torch.where(usable[:, None], fitted_scale, scale)
+        new_offset = torch.where(usable[:, None], fitted_offset, offset)
+        low, step = (
+            t.repeat_interleave(size, dim=1) for t in grid_levels(bits, new_scale, new_offset)
+        )
+        new_codes = _refine(codes.double(), w, low, step, 2**bits - 1, objective).to(torch.int64)
+        new_value = objective(_dequantize(new_codes, bits, new_scale, new_offset) - w)
+        better = new_value < value
+        codes = torch.where(better[:, None], new_codes, codes)
+        scale = torch.where(better[:, None], new_scale, scale)
+        offset = torch.where(better[:, None], new_offset, offset)
+        value = torch.where(better, new_value, value)
+    return codes, scale, offset
+
+
+def grid_least_squares(
+    codes: Tensor, w: Tensor, groups: int, second: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Float16 `(offset, scale)` (out, groups) minimising every row's f_r(d) = d_r' M d_r with
+    d = offset_g + scale_g * codes - w on each group g, the codes fixed (all float64 in; M =
+    `second`, fan_in x fan_in). A row whose system is singular or whose solution does not fit
+    float16 gets non-finite values, for the caller to reject."""
+    out, fan_in = w.shape
+    size = fan_in // groups
+    grouped = codes.reshape(out, groups, size)
+    # Normal equations per row over theta = (offsets, scales): blocks 1'M1, 1'Mc, c'Mc and
+    # right-hand sides 1'Mw, c'Mw, group by group, without forming the (out, fan_in, 2 groups)
+    # design.
+    ones = second.reshape(groups, size, groups, size).sum((1, 3))
+    ones_codes = torch.empty(out, groups, groups, dtype=w.dtype)
+    codes_codes = torch.empty(out, groups, groups, dtype=w.dtype)
+    for h in range(groups):
+        product = (grouped[:, h] @ second[h * size : (h + 1) * size]).reshape(out, groups, size)
+        ones_codes[:, :, h] = product.sum(-1)
+        codes_codes[:, :, h] = (product * grouped).sum(-1)
+    weighted = (w @ second).reshape(out, groups, size)
+    normal = torch.cat(
+        [
+            torch.cat([ones.expand(out, groups, groups), ones_codes], 2),
+            torch.cat([ones_codes.transpose(1, 2), codes_codes], 2),
+        ],
+        1,
+    )
+    right = torch.cat([weighted.sum(-1), (weighted * grouped).sum(-1)], 1)
+    theta, info = torch.linalg.solve_ex(normal, right)
+    theta = torch.where((info == 0)[:, None], theta, torch.nan).to(torch.float16)
+    return theta[:, :groups], theta[:, groups:]
 
 
 def _round_on(

@@ -288,7 +288,8 @@ def markdown(results: dict, command: str, plot: str) -> str:
         f"# Quantization Pareto: {results['model']} on {results['dataset']}",
         "",
         f"Command: `{command}`  ",
-        f"torch {results['torch']}, {results['threads']} threads, "
+        f"torch {results['torch']}, {results['threads']} thread"
+        f"{'' if results['threads'] == 1 else 's'}, "
         f"{results['calibration_samples']} calibration samples, seed {results['seed']}. "
         "Post-training, no fine-tuning; every method and peer sees the same calibration data. "
         "`ratio` is the compressible weights' float32 bits over their stored bits (codes, scales, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,11 +20,36 @@ from allot.io import atomic_write
 from allot.zoo import Dataset
 
 RESULTS = Path(__file__).parent / "results"
+REPOSITORY = Path(__file__).parent.parent
+
+
+def code_version() -> str:
+    """The commit the code ran at, `+changes` when the working tree differs from it (results
+    themselves aside), or `unknown` outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":!bench/results"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if changes else "")
 
 
 def environment(model_name: str, dataset: Dataset, seed: int) -> dict:
-    """The facts a result depends on besides the code: model, data, seed, torch, threads."""
+    """The facts a result depends on: model, data, seed, torch, threads, and the code's commit."""
     return {
+        "code": code_version(),
         "model": model_name,
         "dataset": dataset.name,
         "headline": dataset.task.headline,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from common import RESULTS, command, environment, save_figure
+from common import RESULTS, code_version, command, environment, save_figure
 from torch import nn
 
 from allot import Budget, Scored, compress_scored, score
@@ -80,6 +80,7 @@ class Bench:
 
     def __init__(self, model_name: str, calibration: int, seed: int, journal: Path) -> None:
         self.key = {"model": model_name, "calibration": calibration, "seed": seed}
+        self.code = code_version()
         self.journal = journal
         self.done = self._finished_rows()
         self.model_name = model_name
@@ -115,7 +116,8 @@ class Bench:
         return {(row["method"], row["budget"]): row for row in saved["rows"][1:]}
 
     def add(self, row: dict) -> None:
-        """Append a finished row and journal it."""
+        """Append a finished row, marked with the code that made it, and journal it."""
+        row["code"] = self.code
         self.rows.append(row)
         write_json(self.journal, {"key": self.key, "rows": self.rows})
 
@@ -288,6 +290,7 @@ def markdown(results: dict, command: str, plot: str) -> str:
         f"# Quantization Pareto: {results['model']} on {results['dataset']}",
         "",
         f"Command: `{command}`  ",
+        f"Code: {results.get('code', 'unrecorded')}{resumed_codes(results)}  ",
         f"torch {results['torch']}, {results['threads']} thread"
         f"{'' if results['threads'] == 1 else 's'}, "
         f"{results['calibration_samples']} calibration samples, seed {results['seed']}. "
@@ -348,6 +351,19 @@ def markdown(results: dict, command: str, plot: str) -> str:
         ]
     lines += ["", f"![pareto]({plot})", ""]
     return "\n".join(lines)
+
+
+def resumed_codes(results: dict) -> str:
+    """A note naming the code of rows made by other runs (resumed from the journal), if any."""
+    counts: dict[str, int] = {}
+    for row in results["rows"][1:]:
+        code = row.get("code", "unrecorded")
+        if code != results.get("code"):
+            counts[code] = counts.get(code, 0) + 1
+    if not counts:
+        return ""
+    made = ", ".join(f"{n} at {code}" for code, n in sorted(counts.items()))
+    return f" (rows resumed from earlier runs: {made})"
 
 
 def cell(text: str) -> str:

@@ -276,6 +276,7 @@ def run(
     versions = {peer.name: peer.version() for peer in chosen if peer.unavailable() is None}
     return {
         **environment(model_name, bench.dataset, seed),
+        "code": bench.code,  # at the start: rows made by this run carry the same
         "peers": versions,
         "native": native,
         "native_from": native_from,

@@ -268,9 +268,9 @@ def _pareto(options: Options, n_weights: int) -> list[list[float]]:
 def _lossless(
     scored: Scored, reference: float, options: Options, make_plan: Callable[[list[int]], Plan]
 ) -> tuple[list[int], Plan]:
-    """The choice and plan of the cheapest plan on the method's plan sequence whose measured calibration loss is not above
-    `reference`, the float (BatchNorm-folded) model's; the sequence ends with every layer kept,
-    which always qualifies.
+    """The choice and plan of the cheapest plan on the method's plan sequence whose measured
+    calibration loss is not above `reference`, the float (BatchNorm-folded) model's; the sequence
+    ends with every layer kept, which always qualifies.
 
     Under an error model that predicts the loss change itself (`second-order`, `trace`,
     `diagonal`), the sequence starts with the smallest plan predicted not to raise the loss (exact

@@ -72,17 +72,15 @@ class Quant(Scheme):
     ) -> QuantizedLayer:
         check_layer_tensors(spec, weight, bias)
         self.check(spec)
-        weight_2d = fold_weight_2d(weight)
         if self.rounding == "nearest":
-            codes, scale, offset = quantize_rtn(weight_2d, self.bits, self.group)
-        elif profile is None:
+            codes, scale, offset = quantize_rtn(fold_weight_2d(weight), self.bits, self.group)
+            return QuantizedLayer.from_codes(spec, self.bits, codes, scale, offset, bias)
+        if profile is None:
             raise ConfigError(
                 f"{self.label()} fits to calibration data: give the layer's profile (allot.api "
                 "compress does), or use rounding='nearest'"
             )
-        else:
-            return self.fit_steered(weight, bias, spec, profile.inputs())
-        return QuantizedLayer.from_codes(spec, self.bits, codes, scale, offset, bias)
+        return self.fit_steered(weight, bias, spec, profile.inputs())
 
     def fit_steered(
         self,

@@ -21,7 +21,8 @@ def _cache_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
 
 @pytest.fixture(scope="session")
 def digits():
-    return get_dataset("digits", calibration_size=128, seed=0)
+    """The digits data set (128 calibration samples) under the data contract."""
+    return get_dataset("digits", calibration_size=128, seed=0).to_data()
 
 
 @pytest.fixture

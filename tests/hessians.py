@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from allot.data import Data, supervised
+
 # name -> (model factory, input shape of one sample, profiled layers)
 MODELS = {
     "mlp": (
@@ -92,3 +94,8 @@ def blocks(model: nn.Module, names: list[str]) -> list[slice]:
         out.append(slice(start, start + size))
         start += size
     return out
+
+
+def pairs(batches: list, criterion=F.cross_entropy) -> Data:
+    """(inputs, targets) batches under the data contract, with `criterion(outputs, targets)`."""
+    return Data(batches, supervised(criterion))

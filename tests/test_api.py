@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from allot import Budget, apply, compress, compress_scored, score
-from allot.evaluate import calibration_loss, file_bytes, metrics
+from allot.evaluate import file_bytes, metrics
 from allot.exceptions import BudgetError, DataError
 from allot.methods import Method
 from allot.methods.cet import cet_grid
+from allot.profile.measure import mean_loss
 from allot.schemes import Keep, Quant
 from allot.zoo import create_model, get_dataset
 
@@ -36,10 +37,10 @@ def test_same_seed_same_plan(digits) -> None:
     assert _run("output-error-quant", Budget("ratio", 10), digits).plan.dumps() == first
 
 
-def test_lossless_plan_does_not_raise_the_calibration_loss(digits) -> None:
+def test_lossless_plan_does_not_raise_the_mean_loss(digits) -> None:
     result = _run("uniform-quant", Budget("lossless"), digits)
     reference = result.plan.metadata["lossless"]["float_calibration_loss"]
-    assert calibration_loss(result.model, digits) <= reference
+    assert mean_loss(result.model, digits) <= reference
     assert result.plan.ratio > 1  # test-cnn tolerates 8 bits at least
 
 
@@ -57,7 +58,9 @@ def test_out_of_reach_budget_says_what_is_reachable(digits) -> None:
 
 
 def test_data_that_does_not_fit_the_model_is_refused() -> None:
-    with pytest.raises(DataError, match="cannot run on data set 'mnist1d'"):
+    with pytest.raises(
+        DataError, match=r"cannot run on the calibration data \(inputs \(64, 1, 40\)\)"
+    ):
         _run("uniform-quant", Budget("bits", 4), get_dataset("mnist1d", 64))
 
 
@@ -73,12 +76,12 @@ def test_a_damage_limit_gives_the_smallest_plan_predicted_within_it(digits) -> N
 
 
 @pytest.mark.parametrize("error_model", ["curvature", "second-order"])
-def test_cet_lossless_keeps_the_calibration_loss(digits, error_model) -> None:
+def test_cet_lossless_keeps_the_mean_loss(digits, error_model) -> None:
     # Under second-order the search starts from the plan predicted not to raise the loss.
     method = Method("cet-test", "cet", cet_grid, error_model=error_model)
     result = compress(create_model("test-cnn"), digits, method, Budget("lossless"), progress=False)
     reference = result.plan.metadata["lossless"]["float_calibration_loss"]
-    assert calibration_loss(result.model, digits) <= reference
+    assert mean_loss(result.model, digits) <= reference
     assert result.plan.ratio > 4  # test-cnn loses nothing at mixed 1..8 bits on average
 
 
@@ -89,7 +92,7 @@ def test_cet_plans_are_deterministic_and_steering_changes_only_the_codes(digits)
     nearest = _run("uniform-quant", Budget("bits", 3), digits)
     assert steered.plan.weight_bits == nearest.plan.weight_bits
     assert {layer.scheme.label() for layer in steered.plan.layers} == {"quant3-steered"}
-    assert calibration_loss(steered.model, digits) < calibration_loss(nearest.model, digits)
+    assert mean_loss(steered.model, digits) < mean_loss(nearest.model, digits)
 
 
 def test_applying_a_scored_plan_reuses_the_fitted_candidates(digits, monkeypatch) -> None:

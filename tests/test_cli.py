@@ -6,8 +6,9 @@ from safetensors.torch import save_file
 
 from allot import apply, load
 from allot.cli import main
+from allot.exceptions import ArtifactError
 from allot.io import PLAN, WEIGHTS
-from allot.source import float_model
+from allot.source import file_factory, float_model
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:
@@ -128,10 +129,16 @@ def test_file_model_compresses_and_reloads(tmp_path, capsys) -> None:
     reference, weights = _user_model(tmp_path)
     code, _, err = _compress_user_model(capsys, tmp_path, reference, weights, "--avg-bits", "5")
     assert code == 0, err
-    code, stdout, err = _run(capsys, "evaluate", str(tmp_path / "o"))
+    # an artifact never runs the model file it names: the user passes the factory again
+    code, _, err = _run(capsys, "evaluate", str(tmp_path / "o"))
+    assert code == 2 and "never runs code" in err
+    with pytest.raises(ArtifactError, match="never runs code"):
+        load(tmp_path / "o")
+    args = ("--model", reference, "--weights", weights, "--data", "digits")
+    code, stdout, err = _run(capsys, "evaluate", str(tmp_path / "o"), *args)
     assert code == 0, err
     assert "accuracy: " in stdout
-    model, plan = load(tmp_path / "o")  # rebuilt through the file factory recorded in the plan
+    model, plan = load(tmp_path / "o", file_factory(reference))
     assert plan.model == reference
     expected = apply(
         float_model(reference, weights), plan

@@ -3,7 +3,7 @@ and each equal to its formula on exact quantities."""
 
 import pytest
 import torch
-import torch.nn.functional as F
+from hessians import pairs
 from torch import nn
 
 from allot.discover import discover, fold_weight_2d
@@ -19,9 +19,7 @@ def profile() -> Profile:
         (torch.randn(n, 2, 4, 4, dtype=torch.float64), torch.randint(0, 4, (n,))) for n in (5, 3)
     ]
     settings = Settings(probes_min=64, probes_max=64)
-    return Profile(
-        model, discover(model).layers, batches, F.cross_entropy, settings=settings, progress=False
-    )
+    return Profile(model, discover(model).layers, pairs(batches), settings=settings, progress=False)
 
 
 def deltas(profile: Profile, scale: float = 1e-2) -> dict[str, list[torch.Tensor]]:

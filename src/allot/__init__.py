@@ -3,26 +3,33 @@
 Decide, layer by layer, how much and in which way each layer of a trained model can be compressed
 under a budget, then really compress it. Public surface:
 
-- `compress(model, dataset, method, budget)` -> `Result` (compressed model, plan, candidates)
-- `score(model, dataset, method)` -> `Scored`, then `compress_scored(scored, budget)` for each of
+- `compress(model, data, method, budget)` -> `Result` (compressed model, plan, candidates)
+- `score(model, data, method)` -> `Scored`, then `compress_scored(scored, budget)` for each of
   several budgets: the candidates are fitted and scored once
+- `Data`: the data contract (calibration batches, a loss, optionally held-out evaluation)
+- `Policy`: keep layers in float or pin their scheme, by name pattern
 - `apply(model, plan)`: rewrite a float model according to a (possibly hand-edited) plan
 - `save(model, plan, directory)` / `load(directory, model_factory)`: artifacts
-- `Budget`, `Plan`, and the registries of schemes, methods and zoo models
+- `Budget`, `Plan`, and the registries of schemes, methods, error models and allocators
 """
 
 from allot.api import Result, Scored, compress, compress_scored, score
 from allot.apply import apply
 from allot.budget import Budget
+from allot.data import Data, Distill, supervised
 from allot.exceptions import AllotError
 from allot.io import load, save
 from allot.plan import LayerPlan, Plan
+from allot.policy import Policy
 
 __all__ = [
     "AllotError",
     "Budget",
+    "Data",
+    "Distill",
     "LayerPlan",
     "Plan",
+    "Policy",
     "Result",
     "Scored",
     "apply",
@@ -31,4 +38,5 @@ __all__ = [
     "load",
     "save",
     "score",
+    "supervised",
 ]

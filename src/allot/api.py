@@ -1,7 +1,9 @@
 """The public surface: compress a model under a budget, apply a plan, save and load artifacts.
 
-The pipeline reads top to bottom: fold BatchNorm -> discover layers -> profile (input statistics)
--> candidates -> allocate -> plan -> apply. Each stage is a plain function in its own module.
+The pipeline reads top to bottom: fold BatchNorm -> discover layers -> profile (calibration
+statistics) -> candidates -> allocate -> plan -> apply -> refine. Each stage is a plain function in
+its own module; data come in through the data contract (`allot.data`), and nothing here imports
+the benchmark zoo.
 """
 
 from __future__ import annotations
@@ -10,28 +12,31 @@ import copy
 import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from allot.allocate import ALLOCATORS, Options, minimize_cost, pareto_sweep, uniform_sequence
+from allot.allocate import Allocator, Options, get_allocator, pareto_sweep
 from allot.apply import apply
 from allot.budget import Budget, describe_bits, weight_bits_limit
 from allot.candidates import CandidateTable, score_candidates
+from allot.data import Data, as_data, check_data
 from allot.discover import Discovery, discover
 from allot.errors import get_error_model
-from allot.evaluate import calibration_loss, state_bits
-from allot.exceptions import BudgetError, DataError, ModelError
+from allot.evaluate import state_bits
+from allot.exceptions import BudgetError, ModelError
 from allot.fold import find_conv_bn_pairs, fold_batchnorm
 from allot.methods import Method, get_method
 from allot.plan import LayerPlan, Plan
+from allot.policy import Policy
 from allot.prediction import check_prediction, geometry, geometry_json, plan_deltas
 from allot.profile.cache import Cache
 from allot.profile.engine import Profile, Settings
+from allot.profile.measure import mean_loss
 from allot.progress import progress_bar
 from allot.refine import get_refiner
 from allot.schemes import Quant
-from allot.zoo.data import Dataset, describe, forward
 
 
 @dataclass
@@ -61,39 +66,15 @@ def prepare(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]], Discove
 def profile(
     work: nn.Module,
     discovery: Discovery,
-    dataset: Dataset,
+    data: Data,
     *,
     settings: Settings | None = None,
     cache: Cache | None = None,
     progress: bool = True,
 ) -> Profile:
     """The calibration profile of a prepared (BatchNorm-folded) model's compressible layers under
-    the data set's loss; statistics are computed when first asked for, and cached in `cache`."""
-    return Profile(
-        work,
-        discovery.layers,
-        list(dataset.calibration.batches(dataset.batch_size)),
-        dataset.task.loss,
-        settings=settings,
-        cache=cache,
-        progress=progress,
-    )
-
-
-def _check_data(model: nn.Module, dataset: Dataset) -> None:
-    if len(dataset.calibration) == 0:
-        raise DataError("the calibration set is empty; give at least one calibration sample")
-    inputs = dataset.example_inputs(2)
-    try:
-        with torch.no_grad():
-            outputs = forward(model.eval(), inputs)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise DataError(
-            f"the model cannot run on data set {dataset.name!r} (inputs {describe(inputs)}): "
-            f"{str(exc).splitlines()[0]}"
-        ) from exc
-    if not torch.isfinite(outputs).all():
-        raise DataError("the float model gives NaN or inf outputs on the data; check its weights")
+    the data's loss; statistics are computed when first asked for, and cached in `cache`."""
+    return Profile(work, discovery.layers, data, settings=settings, cache=cache, progress=progress)
 
 
 @dataclass
@@ -103,7 +84,7 @@ class Scored:
     and scores the candidates once."""
 
     model: nn.Module
-    dataset: Dataset
+    data: Data
     method: Method
     work: nn.Module
     folded: list[tuple[str, str]]
@@ -114,13 +95,16 @@ class Scored:
     model_name: str
     seed: int
     progress: bool
+    policy: Policy
+    samples: int
 
 
 def score(
     model: nn.Module,
-    dataset: Dataset,
+    data: Any,
     method: str | Method,
     *,
+    policy: Policy | None = None,
     model_name: str = "custom",
     seed: int = 0,
     cache: Cache | None = None,
@@ -128,20 +112,30 @@ def score(
 ) -> Scored:
     """Fold, discover, profile, and fit and score every candidate of `method`'s grid.
 
-    The input model is not modified. `cache` keeps profile statistics on disk between runs."""
+    `data` follows the data contract (`allot.Data`, or an object with `to_data()`); `policy`
+    keeps or pins layers by name. The input model is not modified. `cache` keeps profile
+    statistics on disk between runs."""
     torch.manual_seed(seed)
+    data = as_data(data)
     method = get_method(method) if isinstance(method, str) else method
-    _check_data(model, dataset)
+    policy = policy or Policy()
+    check_data(model, data)
     work, pairs, discovery, notes = prepare(model)
+    policy.check(discovery.layers)
     profiled = profile(
-        work, discovery, dataset, settings=Settings(seed=seed), cache=cache, progress=progress
+        work, discovery, data, settings=Settings(seed=seed), cache=cache, progress=progress
     )
     table = score_candidates(
-        work, discovery.layers, method.grid, get_error_model(method.error_model), profiled, progress
+        work,
+        discovery.layers,
+        policy.grid(method.grid),
+        get_error_model(method.error_model),
+        profiled,
+        progress,
     )
     return Scored(
         model,
-        dataset,
+        data,
         method,
         work,
         pairs,
@@ -152,27 +146,38 @@ def score(
         model_name,
         seed,
         progress,
+        policy,
+        data.samples(),
     )
 
 
 def compress(
     model: nn.Module,
-    dataset: Dataset,
+    data: Any,
     method: str | Method,
     budget: Budget,
     *,
+    policy: Policy | None = None,
     model_name: str = "custom",
     seed: int = 0,
     cache: Cache | None = None,
     progress: bool = True,
 ) -> Result:
-    """Compress `model` with `method` under `budget`, using `dataset`'s calibration split.
+    """Compress `model` with `method` under `budget`, using `data`'s calibration batches.
 
     The input model is not modified. Same model, data, method, budget and seed give the same plan.
-    `cache` keeps profile statistics on disk between runs (none by default).
+    `policy` keeps layers in float or pins their scheme; `cache` keeps profile statistics on disk
+    between runs (none by default).
     """
     scored = score(
-        model, dataset, method, model_name=model_name, seed=seed, cache=cache, progress=progress
+        model,
+        data,
+        method,
+        policy=policy,
+        model_name=model_name,
+        seed=seed,
+        cache=cache,
+        progress=progress,
     )
     return compress_scored(scored, budget)
 
@@ -180,7 +185,8 @@ def compress(
 def compress_scored(scored: Scored, budget: Budget) -> Result:
     """Choose the plan for `budget` among scored candidates, apply it to a copy of the model, and
     check its predictions (for methods with a curvature error model)."""
-    method, table, work, dataset = scored.method, scored.table, scored.work, scored.dataset
+    method, table, work, data = scored.method, scored.table, scored.work, scored.data
+    allocator = get_allocator(method.allocator)
     layers = scored.discovery.layers
 
     def make_plan(choice: list[int]) -> Plan:
@@ -197,9 +203,10 @@ def compress_scored(scored: Scored, budget: Budget) -> Result:
             skipped=scored.discovery.skipped,
             metadata={
                 "allocator": method.allocator,
-                "dataset": dataset.name,
-                "calibration_samples": len(dataset.calibration),
+                "dataset": data.name,
+                "calibration_samples": scored.samples,
                 "seed": scored.seed,
+                "policy": scored.policy.to_json(),
                 "notes": scored.notes,
                 "allot_version": importlib.metadata.version("allot"),
                 "torch_version": torch.__version__,
@@ -209,10 +216,10 @@ def compress_scored(scored: Scored, budget: Budget) -> Result:
     options = table.options()
     n_weights = sum(layer.spec.numel for layer in layers)
     if budget.kind == "lossless":
-        reference = calibration_loss(work, dataset)
-        choice, plan = _lossless(scored, reference, options, make_plan)
+        reference = mean_loss(work, data)
+        choice, plan = _lossless(scored, allocator, reference, options, make_plan)
     elif budget.kind == "damage":
-        choice = minimize_cost(options, float(budget.value))
+        choice = allocator.within_damage(options, float(budget.value))
         plan = make_plan(choice)
     else:
         other_bits = state_bits(work) - 32 * n_weights
@@ -228,13 +235,13 @@ def compress_scored(scored: Scored, budget: Budget) -> Result:
                 f"{budget.describe()} is out of reach for method {method.name}: its smallest plan "
                 f"is {reach}; relax the budget or choose a method with smaller candidates"
             )
-        choice = ALLOCATORS[method.allocator](options, limit)
+        choice = allocator.within_cost(options, limit)
         plan = make_plan(choice)
     compressed = _build(scored, plan, choice)
     plan.metadata["pareto"] = _pareto(options, n_weights)
     if get_error_model(method.error_model).curvature:
         deltas = plan_deltas(work, compressed, plan)
-        check = check_prediction(scored.profile, deltas, work, compressed, dataset)
+        check = check_prediction(scored.profile, deltas, work, compressed, data)
         plan.metadata["prediction"] = check.to_json()
         plan.metadata["geometry"] = geometry_json(geometry(scored.profile, deltas))
     return Result(compressed, plan, table, scored.profile)
@@ -248,46 +255,47 @@ def _build(scored: Scored, plan: Plan, choice: list[int]) -> nn.Module:
     )
     if scored.method.refine is not None:
         get_refiner(scored.method.refine)(
-            scored.work, compressed, plan, scored.dataset, scored.progress
+            scored.work, compressed, plan, scored.data, scored.progress
         )
         plan.metadata["refine"] = scored.method.refine
     return compressed
 
 
 def _pareto(options: Options, n_weights: int) -> list[list[float]]:
-    """The allocator's convex Pareto curve as [bits per weight, predicted damage] points, cheapest
-    first (error-model units; for the report's Pareto plot)."""
+    """The convex Pareto curve of the candidates as [bits per weight, predicted damage] points,
+    cheapest first (error-model units; for the report's Pareto plot)."""
     points = []
     for choice in pareto_sweep(options):
-        cost = sum(float(c[j]) for c, j in zip(options.costs, choice, strict=True))
-        damage = sum(float(d[j]) for d, j in zip(options.damages, choice, strict=True))
+        cost, damage = options.total(choice)
         points.append([cost / n_weights, damage])
     return points
 
 
 def _lossless(
-    scored: Scored, reference: float, options: Options, make_plan: Callable[[list[int]], Plan]
+    scored: Scored,
+    allocator: Allocator,
+    reference: float,
+    options: Options,
+    make_plan: Callable[[list[int]], Plan],
 ) -> tuple[list[int], Plan]:
-    """The choice and plan of the cheapest plan on the method's plan sequence whose measured
-    calibration loss is not above `reference`, the float (BatchNorm-folded) model's; the sequence
-    ends with every layer kept, which always qualifies.
+    """The choice and plan of the cheapest plan on the allocator's sequence whose measured
+    calibration loss is not above `reference`, the float (BatchNorm-folded) model's.
 
     Under an error model that predicts the loss change itself (`second-order`, `trace`,
-    `diagonal`), the sequence starts with the smallest plan predicted not to raise the loss (exact
-    knapsack with damage limit 0), followed by the Pareto plans larger than it."""
-    method = scored.method
-    if method.allocator == "uniform":
-        sequence = uniform_sequence(options)
-    elif get_error_model(method.error_model).loss_change:
-        start = minimize_cost(options, 0.0)
+    `diagonal`), the sequence starts with the smallest plan predicted not to raise the loss (the
+    allocator's least cost within damage 0), followed by the sequence's plans larger than it."""
+    sequence = allocator.sequence(options)
+    if get_error_model(scored.method.error_model).loss_change and options.min_damage() <= 0:
+        start = allocator.within_damage(options, 0.0)
         floor = options.total(start)[0]
-        sequence = [start, *(c for c in pareto_sweep(options) if options.total(c)[0] > floor)]
-    else:
-        sequence = pareto_sweep(options)
+        sequence = [start, *(c for c in sequence if options.total(c)[0] > floor)]
     for choice in progress_bar(sequence, "lossless search", scored.progress):
         plan = make_plan(choice)
         compressed = _build(scored, plan, choice)
-        if calibration_loss(compressed, scored.dataset) <= reference:
+        if mean_loss(compressed, scored.data) <= reference:
             plan.metadata["lossless"] = {"float_calibration_loss": reference}
             return choice, plan
-    raise BudgetError("no plan keeps the calibration loss at the float model's; this is a bug")
+    raise BudgetError(
+        f"no plan of method {scored.method.name} keeps the calibration loss at or below the float "
+        "model's; use a method whose grid can keep layers in float"
+    )

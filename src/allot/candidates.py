@@ -6,7 +6,6 @@ from the actual perturbation dW = W_hat - W, and its cost is the scheme's exact 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,14 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from allot.allocate import Options
-from allot.discover import Layer, LayerSpec, get_weight
+from allot.discover import Layer, get_weight
 from allot.errors import ErrorModel
+from allot.exceptions import AllotError, ConfigError
 from allot.modules.base import dense_weight
 from allot.profile.engine import Profile
 from allot.progress import progress_bar
-from allot.schemes import Scheme
-
-Grid = Callable[[LayerSpec], list[Scheme]]
+from allot.schemes import Grid, Scheme
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def score_candidates(
     Each candidate keeps its fitted module (compressed storage, far smaller than the dense
     perturbations held while scoring).
     """
-    schemes = [grid(layer.spec) for layer in layers]
+    schemes = [_grid_of(grid, layer) for layer in layers]
     modules: dict[str, list[nn.Module]] = {}
     deltas: dict[str, list[Tensor]] = {}
     with torch.no_grad():
@@ -100,3 +98,17 @@ def score_candidates(
         for layer, row in zip(layers, schemes, strict=True)
     ]
     return CandidateTable(layers, rows, error_model.name)
+
+
+def _grid_of(grid: Grid, layer: Layer) -> list[Scheme]:
+    """The grid's schemes for a layer; `ConfigError` naming the layer when there are none or one
+    cannot apply to it."""
+    schemes = list(grid(layer))
+    if not schemes:
+        raise ConfigError(f"the method's grid offers no scheme for layer {layer.name}")
+    for scheme in schemes:
+        try:
+            scheme.check(layer.spec)
+        except AllotError as exc:
+            raise ConfigError(f"layer {layer.name}: {exc}") from exc
+    return schemes

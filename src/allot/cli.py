@@ -18,48 +18,76 @@ from torch import nn
 
 from allot import api
 from allot.budget import Budget
+from allot.data import Data
 from allot.errors import ERROR_MODELS
-from allot.evaluate import calibration_loss, file_bytes, latencies, macs, metrics, parameter_count
+from allot.evaluate import file_bytes, latencies, macs, metrics, parameter_count
 from allot.exceptions import AllotError, ArtifactError, DataError
-from allot.io import WEIGHTS, read_plan, save, write_json
+from allot.files import read_json, write_json
+from allot.io import WEIGHTS, load, read_plan, save
 from allot.methods import METHODS
 from allot.plan import Plan
+from allot.policy import Policy
 from allot.profile.cache import Cache, default_directory
+from allot.profile.measure import mean_loss
 from allot.report.markdown import write_report
-from allot.source import float_model, is_file_reference
-from allot.zoo import MODELS, Dataset, get_dataset, get_entry
+from allot.source import (
+    LOSSES,
+    build,
+    file_factory,
+    float_model,
+    is_file_reference,
+    is_tensor_file,
+    user_data,
+    zoo_data,
+    zoo_data_of,
+)
 
 EVALUATION = "evaluation.json"
 console = Console()
 
 
-def _dataset(model_ref: str, data: str | None, calibration: int, seed: int) -> Dataset:
+def _data(args: argparse.Namespace, model_ref: str, model: nn.Module, data: str | None) -> Data:
+    """The data a command runs on: the zoo model's own data set, a zoo data set named by --data,
+    or the user's data factory or tensor file (with --loss and --held-out)."""
+    calibration, seed = getattr(args, "calibration", 512), getattr(args, "seed", 0)
     if data is None:
         if is_file_reference(model_ref):
-            raise DataError("a model given as FILE.py:FACTORY needs --data ZOO_DATA")
-        data = get_entry(model_ref).dataset
-    return get_dataset(data, calibration_size=calibration, seed=seed)
+            raise DataError(
+                "a model given as FILE.py:FACTORY needs --data (a zoo data set, FILE.py:FACTORY, "
+                "or a .npz/.safetensors file)"
+            )
+        if args.held_out is not None:
+            raise DataError("--held-out goes with your own --data; zoo data sets have a test split")
+        return zoo_data_of(model_ref, calibration, seed)
+    if is_file_reference(data) or is_tensor_file(data):
+        return user_data(data, model, args.loss, calibration=calibration, held_out=args.held_out)
+    if args.loss is not None or args.held_out is not None:
+        raise DataError(
+            "--loss and --held-out go with your own --data file; a zoo data set has its own"
+        )
+    return zoo_data(data, calibration, seed)
 
 
 def _evaluation(
     model: nn.Module,
-    dataset: Dataset,
+    data: Data,
     size_bytes: int,
     ratio: float,
     file_ratio: float,
     with_latency: bool = False,
     reference: nn.Module | None = None,
 ) -> dict[str, Any]:
-    result: dict[str, Any] = dict(metrics(model, dataset))
-    result["calibration_loss"] = calibration_loss(model, dataset)
+    result: dict[str, Any] = dict(metrics(model, data))
+    if data.evaluate is None:
+        result["held_out"] = "not given"
+    result["calibration_loss"] = mean_loss(model, data)
     result["parameters"] = parameter_count(model)
     result["bytes"] = size_bytes
     result["ratio"] = ratio
     result["file_ratio"] = file_ratio
-    example = dataset.example_inputs(1)
-    result["macs"] = macs(model, example)
+    result["macs"] = macs(model, data.example_inputs(1))
     if with_latency:
-        batch = dataset.example_inputs(min(64, len(dataset.test)))
+        batch = data.example_inputs(64)
         own, float_time = latencies([model, reference or model], batch)
         result["latency_s"] = own
         result["latency_ratio"] = own / float_time
@@ -106,14 +134,16 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if args.model_file and args.model:
         raise AllotError("give either a zoo model name or --model FILE.py:FACTORY, not both")
     budget = _budget(args)
+    policy = Policy.parse(args.keep or (), args.pin or ())
     model = float_model(ref, args.weights)
-    dataset = _dataset(ref, args.data, args.calibration, args.seed)
+    data = _data(args, ref, model, args.data)
     float_bytes = file_bytes(model)
     result = api.compress(
         model,
-        dataset,
+        data,
         args.method,
         budget,
+        policy=policy,
         model_name=ref,
         seed=args.seed,
         cache=_cache(args),
@@ -124,9 +154,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     out = save(result.model, result.plan, args.out)
     artifact_bytes = (out / WEIGHTS).stat().st_size
     evaluation = {
-        "float": _evaluation(model, dataset, float_bytes, 1.0, 1.0),
+        "float": _evaluation(model, data, float_bytes, 1.0, 1.0),
         "compressed": _evaluation(
-            result.model, dataset, artifact_bytes, result.plan.ratio, float_bytes / artifact_bytes
+            result.model, data, artifact_bytes, result.plan.ratio, float_bytes / artifact_bytes
         ),
     }
     write_json(out / EVALUATION, evaluation)
@@ -141,23 +171,50 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     target = Path(args.target)
     if target.is_dir():
-        from allot.io import load
-
-        model, plan = load(target)
-        reference = float_model(plan.model, plan.metadata.get("float_weights"))
-        dataset = _dataset(plan.model, args.data or plan.metadata.get("dataset"), 512, 0)
+        plan = read_plan(target)
+        if args.model_file is not None:
+            factory = file_factory(args.model_file)
+            model, plan = load(target, lambda: build(factory, args.model_file))
+        else:
+            model, plan = load(target)
+        reference = _artifact_reference(args, plan)
+        data = _data(args, plan.model, reference, args.data or _zoo_dataset(plan))
         size = (target / WEIGHTS).stat().st_size
         result = _evaluation(
-            model, dataset, size, plan.ratio, file_bytes(reference) / size, args.latency, reference
+            model, data, size, plan.ratio, file_bytes(reference) / size, args.latency, reference
         )
         _print_evaluation(f"{target} ({plan.method} on {plan.model})", result)
     else:
-        if not is_file_reference(args.target) and args.target not in MODELS and target.exists():
+        if not is_file_reference(args.target) and target.exists():
             raise ArtifactError(f"{target} is not an artifact directory")
         model = float_model(args.target, args.weights)
-        dataset = _dataset(args.target, args.data, 512, 0)
-        result = _evaluation(model, dataset, file_bytes(model), 1.0, 1.0, args.latency, model)
+        data = _data(args, args.target, model, args.data)
+        result = _evaluation(model, data, file_bytes(model), 1.0, 1.0, args.latency, model)
         _print_evaluation(f"{args.target} (float)", result)
+
+
+def _artifact_reference(args: argparse.Namespace, plan: Plan) -> nn.Module:
+    """The float model an artifact is compared with: the zoo model it names, or the user's own
+    --model with --weights (an artifact's recorded paths are never opened)."""
+    if args.model_file is not None:
+        if args.weights is None:
+            raise ArtifactError(
+                "--model FILE.py:FACTORY needs --weights, the float weights to compare with"
+            )
+        return float_model(args.model_file, args.weights)
+    return float_model(plan.model, args.weights)
+
+
+def _zoo_dataset(plan: Plan) -> str | None:
+    """The zoo data set a plan was made on, when it names one (user data must be given again)."""
+    from allot.zoo import DATASETS
+
+    name = plan.metadata.get("dataset")
+    if isinstance(name, str) and name in DATASETS:
+        return name
+    if is_file_reference(plan.model):
+        raise DataError("the artifact was made on your own data: give it again with --data")
+    return None
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -170,12 +227,12 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     method = get_method(args.method)
     get_error_model(args.error_model)
     model = float_model(args.model, args.weights)
-    dataset = _dataset(args.model, args.data, args.calibration, args.seed)
+    data = _data(args, args.model, model, args.data)
     work, _pairs, discovery, _notes = api.prepare(model)
     profile = api.profile(
         work,
         discovery,
-        dataset,
+        data,
         settings=Settings(
             probes_min=min(8, args.probes),
             probes_max=args.probes,
@@ -218,7 +275,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     console.print(damage)
     console.print(
         f"cost: {result.fb_equivalents} forward+backward equivalents over "
-        f"{len(dataset.calibration)} calibration samples, {result.seconds:.1f} s"
+        f"{data.samples()} calibration samples, {result.seconds:.1f} s"
     )
     if args.out:
         path = write_sensitivity(result, f"{args.model} ({method.name} grid)", Path(args.out))
@@ -229,11 +286,17 @@ def cmd_report(args: argparse.Namespace) -> None:
     directory = Path(args.directory)
     plan: Plan = read_plan(directory)
     evaluation_path = directory / EVALUATION
-    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else {}
+    evaluation = read_json(evaluation_path, ArtifactError) if evaluation_path.exists() else {}
+    if not isinstance(evaluation, dict) or not all(
+        isinstance(v, dict) for v in evaluation.values()
+    ):
+        raise ArtifactError(f"{evaluation_path}: expected an object of evaluations by model")
     console.print(f"report: {write_report(plan, evaluation, directory)}")
 
 
 def cmd_zoo(args: argparse.Namespace) -> None:
+    from allot.zoo import MODELS
+
     if args.zoo_command == "list":
         table = Table(title="allot zoo")
         for column in ("model", "data set", "checkpoint", "description"):
@@ -263,6 +326,7 @@ def cmd_zoo(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     args.model, args.model_file, args.weights, args.data = "mnist-resnet20", None, None, None
+    args.loss, args.held_out, args.keep, args.pin = None, None, None, None
     args.method, args.lossless, args.ratio, args.avg_bits, args.bytes = (
         "uniform-quant",
         False,
@@ -297,7 +361,15 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
 
 def _add_source(parser: argparse.ArgumentParser, calibration: bool = True) -> None:
     parser.add_argument("--weights", help="safetensors weights for a FILE.py:FACTORY model")
-    parser.add_argument("--data", help="zoo data set (default: the zoo model's own)")
+    parser.add_argument(
+        "--data",
+        help="zoo data set (default: the zoo model's own), your FILE.py:FACTORY (returning "
+        "allot.Data, or batches with --loss), or a .npz/.safetensors file of inputs and targets",
+    )
+    parser.add_argument("--loss", choices=LOSSES, help="loss of your own --data's batches")
+    parser.add_argument(
+        "--held-out", help=".npz/.safetensors file of held-out inputs and targets for your --data"
+    )
     if calibration:
         parser.add_argument("--calibration", type=int, default=512, help="calibration samples")
         parser.add_argument(
@@ -320,12 +392,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", dest="model_file", metavar="FILE.py:FACTORY", help="your own model")
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument("--out", required=True, help="artifact directory")
+    p.add_argument(
+        "--keep",
+        action="append",
+        metavar="PATTERN",
+        help="keep layers whose name matches this glob in float (repeatable)",
+    )
+    p.add_argument(
+        "--pin",
+        action="append",
+        metavar="PATTERN=SCHEME",
+        help="give layers matching the glob this scheme, e.g. 'fc=quant:8' (repeatable; "
+        "applied after --keep, later ones win)",
+    )
     _add_budget(p)
     _add_source(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("evaluate", help="evaluate an artifact directory or a float zoo model")
     p.add_argument("target", help="artifact directory, zoo model name, or FILE.py:FACTORY")
+    p.add_argument(
+        "--model",
+        dest="model_file",
+        metavar="FILE.py:FACTORY",
+        help="the architecture of an artifact made from your own model (never read from the artifact)",
+    )
     p.add_argument("--latency", action="store_true", help="measure CPU latency vs the float model")
     _add_source(p, calibration=False)
     p.set_defaults(func=cmd_evaluate)

@@ -32,6 +32,7 @@ from allot.discover import fold_weight_2d
 from allot.exceptions import ConfigError
 from allot.profile.damage import diagonal_damage, trace_damage
 from allot.profile.engine import LayerProfile, Profile
+from allot.registry import Registry
 
 Deltas = dict[str, list[Tensor]]
 Damages = dict[str, list[float]]
@@ -102,50 +103,51 @@ def _curvature(deltas: Deltas, profile: Profile) -> Damages:
     }
 
 
-ERROR_MODELS: dict[str, ErrorModel] = {
-    m.name: m
-    for m in (
-        ErrorModel("weight", per_perturbation(_weight_error), "squared weight error |dW|_F^2"),
-        ErrorModel("output", per_perturbation(_output_error), "mean squared output error |dW x|^2"),
-        ErrorModel(
-            "second-order",
-            _second_order,
-            "loss change g.d + 1/2 d'Hd, exact HVP per candidate",
-            curvature=True,
-            loss_change=True,
-        ),
-        ErrorModel(
-            "curvature",
-            _curvature,
-            "1/2 d'Hd without the gradient term, exact HVP per candidate",
-            curvature=True,
-        ),
-        ErrorModel(
-            "trace",
-            per_perturbation(_trace),
-            "g.d + 1/2 tr(H)/n |d|^2 (Hutchinson)",
-            curvature=True,
-            loss_change=True,
-        ),
-        ErrorModel(
-            "diagonal",
-            per_perturbation(_diagonal),
-            "g.d + 1/2 sum diag(H) d^2 (Hutchinson)",
-            curvature=True,
-            loss_change=True,
-        ),
-        ErrorModel(
-            "hawq",
-            per_perturbation(_hawq),
-            "HAWQ-V2: tr(H)/n |d|^2 (Hutchinson)",
-            curvature=True,
-        ),
-    )
-}
+ERROR_MODELS: Registry[ErrorModel] = Registry("error model")
+
+
+def register_error_model(model: ErrorModel) -> ErrorModel:
+    """Register an error model under its name (methods name it in `Method.error_model`)."""
+    return ERROR_MODELS.add(model.name, model)
+
+
+for _model in (
+    ErrorModel("weight", per_perturbation(_weight_error), "squared weight error |dW|_F^2"),
+    ErrorModel("output", per_perturbation(_output_error), "mean squared output error |dW x|^2"),
+    ErrorModel(
+        "second-order",
+        _second_order,
+        "loss change g.d + 1/2 d'Hd, exact HVP per candidate",
+        curvature=True,
+        loss_change=True,
+    ),
+    ErrorModel(
+        "curvature",
+        _curvature,
+        "1/2 d'Hd without the gradient term, exact HVP per candidate",
+        curvature=True,
+    ),
+    ErrorModel(
+        "trace",
+        per_perturbation(_trace),
+        "g.d + 1/2 tr(H)/n |d|^2 (Hutchinson)",
+        curvature=True,
+        loss_change=True,
+    ),
+    ErrorModel(
+        "diagonal",
+        per_perturbation(_diagonal),
+        "g.d + 1/2 sum diag(H) d^2 (Hutchinson)",
+        curvature=True,
+        loss_change=True,
+    ),
+    ErrorModel(
+        "hawq", per_perturbation(_hawq), "HAWQ-V2: tr(H)/n |d|^2 (Hutchinson)", curvature=True
+    ),
+):
+    register_error_model(_model)
 
 
 def get_error_model(name: str) -> ErrorModel:
     """The registered error model `name`; `ConfigError` listing the known ones otherwise."""
-    if name not in ERROR_MODELS:
-        raise ConfigError(f"unknown error model {name!r}; known: {', '.join(sorted(ERROR_MODELS))}")
     return ERROR_MODELS[name]

@@ -1,4 +1,4 @@
-"""Evaluate: task metrics on held-out data, sizes, multiply-accumulates and CPU latency.
+"""Evaluate: held-out metrics, sizes, multiply-accumulates and CPU latency.
 
 Sizes (see README, "Compression ratio"):
 - `weight_ratio`: float32 bits of all compressible weights / the bits their compressed form stores
@@ -18,27 +18,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from allot.io import save_weights
+from allot.data import Data, Inputs, forward
+from allot.exceptions import DataError
+from allot.files import save_weights
 from allot.modules.base import CompressedLayer
-from allot.zoo.data import Dataset, Inputs, forward
 
 _FLOAT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def metrics(model: nn.Module, dataset: Dataset, split: str = "test") -> dict[str, float]:
-    """The task's metrics (headline first) on a split."""
-    return dataset.task.evaluate(model.eval(), dataset, split)
-
-
-def calibration_loss(model: nn.Module, dataset: Dataset) -> float:
-    """Mean task loss over the calibration split."""
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for inputs, targets in dataset.calibration.batches(dataset.batch_size):
-            total += float(dataset.task.loss(forward(model, inputs), targets)) * len(targets)
-            count += len(targets)
-    return total / count
+def metrics(model: nn.Module, data: Data) -> dict[str, float]:
+    """The data's held-out metrics of `model` (headline first), or {} when the data has no
+    held-out evaluation. `DataError` when the evaluation returns anything but a dict of numbers."""
+    if data.evaluate is None:
+        return {}
+    result = data.evaluate(model.eval())
+    if not isinstance(result, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        for k, v in result.items()
+    ):
+        raise DataError(
+            f"the held-out evaluation must return a dict of metric names to numbers, got {result!r:.80}"
+        )
+    return {k: float(v) for k, v in result.items()}
 
 
 def state_bits(model: nn.Module) -> int:

@@ -3,75 +3,30 @@
 Every file is written atomically (temp file in the same directory, fsync, rename), weights first and
 the plan last; the plan records the weights file's size and SHA-256, so a torn or replaced artifact is
 detected on load instead of giving wrong outputs. Nothing is ever unpickled.
+
+An artifact is untrusted input: loading one never runs code it names. The float architecture comes
+from the caller's `model_factory`, or, for a plan made from a zoo model, from the zoo (allot's own
+code); a plan that names a model file is refused unless the caller passes the factory.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 
 from allot.apply import apply_structure
-from allot.exceptions import ArtifactError
+from allot.exceptions import ArtifactError, PlanError
+from allot.files import atomic_write, read_json, save_weights
 from allot.plan import Plan
-from allot.source import architecture_factory, build
+from allot.source import build, zoo_factory
 
 WEIGHTS = "model.safetensors"
 PLAN = "plan.json"
-
-
-def _temp_beside(path: Path) -> tuple[int, str]:
-    """A temp file in `path`'s directory (same file system, so rename is atomic), with the
-    permissions an ordinary new file would get (mkstemp's are owner-only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomically write `data` as indented JSON."""
-    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    """Atomically save a model's state dict as safetensors (shared tensors stored once)."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    os.close(fd)
-    try:
-        save_model(model, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _digest(path: Path) -> str:
@@ -111,7 +66,10 @@ def read_plan(directory: str | Path) -> Plan:
         raise ArtifactError(
             f"{path} does not exist; pass an artifact directory made by `allot compress`"
         )
-    return Plan.loads(path.read_text())
+    try:
+        return Plan.from_json(read_json(path, PlanError))
+    except PlanError as exc:
+        raise PlanError(f"{path}: {exc}") from exc
 
 
 def load(
@@ -119,8 +77,10 @@ def load(
 ) -> tuple[nn.Module, Plan]:
     """Rebuild a compressed model from an artifact, without the original weights.
 
-    `model_factory` builds the float architecture (any weights; they are all overwritten); when
-    omitted, the plan's model reference (zoo name or FILE.py:FACTORY) builds it. Returns (model in eval mode, plan).
+    `model_factory` builds the float architecture (any weights; they are all overwritten). When
+    omitted, the plan must name a zoo model, whose architecture the zoo builds: a plan that names
+    a model file is refused, since loading never runs code an artifact names. Returns (model in
+    eval mode, plan).
     """
     directory = Path(directory)
     plan = read_plan(directory)
@@ -133,7 +93,7 @@ def load(
             f"{weights} does not match {directory / PLAN} (truncated, corrupt or replaced); "
             "compress again"
         )
-    factory = model_factory or architecture_factory(plan.model)
+    factory = model_factory or zoo_factory(plan.model)
     model = apply_structure(build(factory, plan.model), plan)
     try:
         load_model(model, weights, strict=True)

@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from allot.data import Data
 from allot.discover import get_weight
-from allot.evaluate import calibration_loss, metrics
+from allot.evaluate import metrics
 from allot.modules.base import dense_weight
 from allot.plan import Plan
 from allot.profile.damage import plan_quadratic
 from allot.profile.engine import Profile
-from allot.zoo.data import Dataset
+from allot.profile.measure import mean_loss
 
 
 def plan_deltas(work: nn.Module, compressed: nn.Module, plan: Plan) -> dict[str, Tensor]:
@@ -43,15 +44,16 @@ class PredictionCheck:
     """Predicted and measured loss changes of a whole plan (task-loss units).
 
     `linear` = sum_i g_i.d_i; `per_layer` = linear + sum_i 1/2 d_i'H_ii d_i, the sum the allocator
-    saw under the second-order model; `joint` = linear + 1/2 d'H d with the cross-layer terms."""
+    saw under the second-order model; `joint` = linear + 1/2 d'H d with the cross-layer terms.
+    `measured_held_out` is None when the data's held-out evaluation reports no "loss"."""
 
     linear: float
     per_layer: float
     joint: float
     measured_calibration: float
-    measured_held_out: float
+    measured_held_out: float | None
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, float | None]:
         return asdict(self)
 
 
@@ -60,7 +62,7 @@ def check_prediction(
     deltas: dict[str, Tensor],
     work: nn.Module,
     compressed: nn.Module,
-    dataset: Dataset,
+    data: Data,
 ) -> PredictionCheck:
     """Second-order predictions of the plan's loss change next to its measured changes.
 
@@ -69,14 +71,13 @@ def check_prediction(
     linear = sum(t[0].linear for t in terms.values())
     per_layer = sum(t[0].total for t in terms.values())
     joint = linear + plan_quadratic(profile.curvature, deltas) if deltas else 0.0
-    held_out = metrics(compressed, dataset)["loss"] - metrics(work, dataset)["loss"]
+    after, before = metrics(compressed, data).get("loss"), metrics(work, data).get("loss")
     return PredictionCheck(
         linear=linear,
         per_layer=per_layer,
         joint=joint,
-        measured_calibration=calibration_loss(compressed, dataset)
-        - calibration_loss(work, dataset),
-        measured_held_out=held_out,
+        measured_calibration=mean_loss(compressed, data) - mean_loss(work, data),
+        measured_held_out=None if after is None or before is None else after - before,
     )
 
 
@@ -88,7 +89,7 @@ class LayerGeometry:
     `top_curvature_share`: sum_k lambda_k (u_k.d)^2 / d'H_ii d, the part of the quadratic damage
     those directions carry (None when d'H_ii d <= 0); `negative_curvature`: 1/2 sum over the
     negative eigenpairs of lambda (u.d)^2, the loss change along saddle directions (<= 0);
-    `saddle`: the smallest eigenvalue is below minus its residual bound."""
+    `saddle`: the smallest eigenvalue is certainly negative (`RitzPairs.saddle`)."""
 
     eigenvectors: int
     top_error_share: float
@@ -112,13 +113,12 @@ def geometry(profile: Profile, deltas: dict[str, Tensor]) -> dict[str, LayerGeom
         top[: profile.settings.eigenpairs] = True  # the largest pairs come first
         top &= p.values > 0
         quadratic = 2 * terms[name][0].quadratic
-        smallest = int(p.values.argmin())
         result[name] = LayerGeometry(
             eigenvectors=int(top.sum()),
             top_error_share=float((projections[top] ** 2).sum() / d.pow(2).sum()),
             top_curvature_share=float(weighted[top].sum() / quadratic) if quadratic > 0 else None,
             negative_curvature=0.5 * float(weighted[p.values < 0].sum()),
-            saddle=bool(p.values[smallest] + p.residuals[smallest] < 0),
+            saddle=p.saddle,
         )
     return result
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from allot.candidates import Grid, score_candidates
 from allot.errors import get_error_model
 from allot.profile.engine import Profile
+from allot.profile.lanczos import is_saddle
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class LayerSensitivity:
 
     @property
     def saddle(self) -> bool:
-        """True when H_ii certainly has a negative eigenvalue (below minus its residual bound)."""
-        return self.bottom_eigenvalue + self.bottom_residual < 0
+        """True when H_ii certainly has a negative eigenvalue (`allot.profile.lanczos.is_saddle`)."""
+        return is_saddle(self.bottom_eigenvalue, self.bottom_residual, self.top_eigenvalue)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from allot.allocate import Options, uniform, uniform_sequence
+from allot.allocate import Options, uniform, uniform_sequence, uniform_within_damage
 from allot.exceptions import BudgetError, ConfigError
 
 
@@ -35,11 +35,21 @@ def test_budget_below_the_cheapest_uniform_plan_names_it():
 
 
 def test_needs_one_shared_grid():
-    options = Options([[1, 2], [1]], [[0, 1], [0]])
+    options = Options([[1, 2], [1, 2, 3]], [[0, 1], [0, 1, 2]])
     with pytest.raises(ConfigError, match="same number of options"):
         uniform(options, 10)
     with pytest.raises(ConfigError, match="same number of options"):
         uniform_sequence(options)
+
+
+def test_single_option_layers_are_fixed_and_the_others_share_the_grid():
+    """A layer the user kept or pinned has one option; uniform moves every other layer together."""
+    options = Options([[4, 2, 1], [7], [8, 4, 2]], [[0.0, 1.0, 3.0], [0.5], [0.0, 1.0, 2.0]])
+    # uniform choices: [0, 0, 0] costs 19 (damage 0.5), [1, 0, 1] 13 (2.5), [2, 0, 2] 10 (5.5)
+    assert uniform(options, 12.0) == [2, 0, 2]
+    assert uniform(options, 13.0) == [1, 0, 1]
+    assert uniform_sequence(options) == [[2, 0, 2], [1, 0, 1], [0, 0, 0]]
+    assert uniform_within_damage(options, 2.5) == [1, 0, 1]
 
 
 def test_uniform_sequence_orders_every_grid_index_by_cost():

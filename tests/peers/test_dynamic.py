@@ -2,12 +2,12 @@ import pytest
 import torch
 from torch import nn
 
+from allot.data import forward
 from allot.discover import discover
 from allot.exceptions import ConfigError
 from allot.peers.base import Setting, ratio
 from allot.peers.dynamic import PEERS
 from allot.zoo import create_model
-from allot.zoo.data import forward
 
 dynamic = pytest.importorskip(
     "torch.ao.nn.quantized.dynamic", reason="this torch has no eager-mode dynamic quantization"

@@ -1,7 +1,9 @@
 import pytest
 import torch
+from hessians import pairs
 from torch import Tensor, nn
 
+from allot.data import Data
 from allot.discover import Layer, LayerSpec
 from allot.errors import get_error_model
 from allot.exceptions import ConfigError, DataError
@@ -24,9 +26,10 @@ def test_output_error_model_equals_the_measured_output_error(kind: str) -> None:
     module = module.double()
     spec = LayerSpec.from_module(module)
     batches = [(torch.randn(shape, dtype=torch.float64), torch.zeros(shape[0])) for _ in range(2)]
-    stats = input_statistics(module, [Layer("", spec)], batches, progress=False)[""]
+    stats = input_statistics(module, [Layer("", spec)], pairs(batches), progress=False)[""]
     delta = torch.randn(spec.weight_shape, dtype=torch.float64)
-    profile = Profile(module, [Layer("", spec)], batches, lambda y, _t: y.mean(), progress=False)
+    data = Data(batches, lambda y, _batch: y.mean())
+    profile = Profile(module, [Layer("", spec)], data, progress=False)
     predicted = get_error_model("output").damages({"": [delta]}, profile)[""][0]
     measured = sum(float(spec.forward(x, delta, None).pow(2).sum()) for x, _ in batches)
     positions = sum(spec.forward(x, delta, None).numel() // spec.out_features for x, _ in batches)
@@ -56,7 +59,10 @@ def test_input_statistics_leave_padding_tokens_out() -> None:
     repadded = torch.where(mask.bool(), ids, (ids + 1) % 10)
     stats, other = (
         input_statistics(
-            model, [layer], [({"input_ids": i, "attention_mask": mask}, mask)], progress=False
+            model,
+            [layer],
+            pairs([({"input_ids": i, "attention_mask": mask}, mask)]),
+            progress=False,
         )["proj"]
         for i in (ids, repadded)
     )

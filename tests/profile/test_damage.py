@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hessians import pairs
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -59,7 +60,7 @@ def exact_hessian(model: nn.Module, batches: list) -> Tensor:
 def test_exact_damage_equals_the_quadratic_form(problem) -> None:
     model, batches, hessian = problem
     hessian = hessian[:54, :54]  # the conv layer's block
-    curvature = Curvature(model, NAMES, batches, F.cross_entropy)
+    curvature = Curvature(model, NAMES, pairs(batches))
     gradient = curvature.gradient()["0"]
     deltas = [0.1 * torch.randn(3, 2, 3, 3, dtype=torch.float64) for _ in range(3)]
     damages = second_order_damage(curvature, "0", deltas)
@@ -73,7 +74,7 @@ def test_exact_damage_equals_the_quadratic_form(problem) -> None:
 
 def test_second_order_prediction_error_shrinks_like_the_cube(problem) -> None:
     model, batches, _ = problem
-    curvature = Curvature(model, NAMES, batches, F.cross_entropy)
+    curvature = Curvature(model, NAMES, pairs(batches))
     base = loss_at(model, batches, {})
     direction = torch.randn(3, 2, 3, 3, dtype=torch.float64)
     scales = [0.04, 0.02, 0.01]
@@ -90,7 +91,7 @@ def test_second_order_prediction_error_shrinks_like_the_cube(problem) -> None:
 
 def test_plan_quadratic_includes_cross_layer_terms(problem) -> None:
     model, batches, hessian = problem
-    curvature = Curvature(model, NAMES, batches, F.cross_entropy)
+    curvature = Curvature(model, NAMES, pairs(batches))
     deltas = {n: 0.05 * torch.randn_like(model.get_submodule(n).weight) for n in NAMES}
     d = torch.cat([deltas[n].flatten() for n in NAMES])
     quadratic = plan_quadratic(curvature, deltas)
@@ -130,7 +131,7 @@ def test_trace_and_diagonal_damage_are_the_approximate_quadratic_terms(problem) 
 def test_damage_leaves_the_model_unchanged(problem) -> None:
     model, batches, _ = problem
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    curvature = Curvature(model, NAMES, batches, F.cross_entropy)
+    curvature = Curvature(model, NAMES, pairs(batches))
     second_order_damage(curvature, "3", [torch.ones(4, 12, dtype=torch.float64)])
     plan_quadratic(curvature, {"0": torch.ones(3, 2, 3, 3, dtype=torch.float64)})
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from hessians import blocks, exact, setup
+from hessians import blocks, exact, pairs, setup
 from torch import nn
 
 from allot.discover import discover
@@ -20,8 +19,7 @@ def make_profile(kind: str, cache: Cache | None = None, **settings) -> tuple[Pro
     profile = Profile(
         model,
         layers,
-        batches,
-        F.cross_entropy,
+        pairs(batches),
         settings=Settings(**settings),
         cache=cache,
         progress=False,
@@ -31,7 +29,7 @@ def make_profile(kind: str, cache: Cache | None = None, **settings) -> tuple[Pro
 
 def test_second_order_is_exact_and_skips_zero_changes() -> None:
     profile, model = make_profile("conv2d")
-    gradient, hessian = exact(model, profile.names, profile.batches)
+    gradient, hessian = exact(model, profile.names, profile.data.calibration)
     deltas = {
         name: [1e-2 * torch.randn_like(model.get_submodule(name).weight) for _ in range(2)]
         for name in profile.names
@@ -60,7 +58,7 @@ def test_second_order_predicts_the_measured_loss_change_of_small_perturbations()
     name = profile.names[0]
     delta = 1e-3 * torch.randn_like(model.get_submodule(name).weight)
     predicted = profile.second_order({name: [delta]})[name][0]
-    measured = loss_change(model, {name: delta}, profile.batches, F.cross_entropy)
+    measured = loss_change(model, {name: delta}, profile.data)
     # The error of a second-order expansion is third order: far below the quadratic term here.
     assert measured == pytest.approx(predicted.total, rel=1e-3)
     assert abs(measured - predicted.linear) > 10 * abs(measured - predicted.total)
@@ -68,7 +66,7 @@ def test_second_order_predicts_the_measured_loss_change_of_small_perturbations()
 
 def test_traces_from_deflated_shared_probes_are_within_three_standard_errors() -> None:
     profile, model = make_profile("conv1d", probes_min=200, probes_max=200, lanczos_iterations=3)
-    _, hessian = exact(model, profile.names, profile.batches)
+    _, hessian = exact(model, profile.names, profile.data.calibration)
     estimates = profile.hessian_estimates()
     # 3 lock-step Lanczos iterations (one second backward per layer each), then one full HVP
     # per probe
@@ -84,13 +82,13 @@ def test_traces_from_deflated_shared_probes_are_within_three_standard_errors() -
 
 def test_lanczos_in_lock_step_finds_every_blocks_extreme_eigenvalues() -> None:
     profile, model = make_profile("mlp", lanczos_iterations=30, eigenpairs=2)
-    _, hessian = exact(model, profile.names, profile.batches)
-    pairs = profile.eigenpairs()
+    _, hessian = exact(model, profile.names, profile.data.calibration)
+    eigen = profile.eigenpairs()
     for name, block in zip(profile.names, blocks(model, profile.names), strict=True):
         eig = np.linalg.eigh(hessian[block, block].numpy())[0]
         expected = np.r_[eig[-2:][::-1], eig[:2][::-1]]
-        np.testing.assert_allclose(pairs[name].values.numpy(), expected, atol=1e-6 * abs(eig).max())
-        assert float(pairs[name].residuals.max()) <= 1e-6 * abs(eig).max()
+        np.testing.assert_allclose(eigen[name].values.numpy(), expected, atol=1e-6 * abs(eig).max())
+        assert float(eigen[name].residuals.max()) <= 1e-6 * abs(eig).max()
 
 
 def test_a_second_profile_loads_everything_from_the_cache(tmp_path) -> None:
@@ -106,8 +104,7 @@ def test_a_second_profile_loads_everything_from_the_cache(tmp_path) -> None:
     second = Profile(
         model,
         first.layers,
-        first.batches,
-        F.cross_entropy,
+        first.data,
         settings=first.settings,
         cache=Cache(tmp_path),
         progress=False,
@@ -129,13 +126,11 @@ def test_the_cache_key_changes_with_the_weights_data_and_settings(tmp_path) -> N
     profile.gradient(profile.names[0])
     with torch.no_grad():
         model.get_submodule(profile.names[0]).weight[0, 0] += 1e-3
-    changed = Profile(
-        model, profile.layers, profile.batches, F.cross_entropy, cache=Cache(tmp_path)
-    )
+    changed = Profile(model, profile.layers, profile.data, cache=Cache(tmp_path))
     changed.gradient(profile.names[0])
     assert changed.curvature.passes.gradient_sweeps == 1  # recomputed, not loaded
     fewer = Profile(
-        model, profile.layers, profile.batches[:2], F.cross_entropy, cache=Cache(tmp_path)
+        model, profile.layers, pairs(list(profile.data.calibration)[:2]), cache=Cache(tmp_path)
     )
     fewer.gradient(profile.names[0])
     assert fewer.curvature.passes.gradient_sweeps == 1
@@ -147,9 +142,7 @@ def test_an_unreadable_cache_entry_is_recomputed_with_a_warning(tmp_path) -> Non
     expected = profile.gradient(profile.names[0])
     (entry,) = tmp_path.rglob("*.safetensors")
     entry.write_bytes(b"torn")
-    again = Profile(
-        profile.model, profile.layers, profile.batches, F.cross_entropy, cache=Cache(tmp_path)
-    )
+    again = Profile(profile.model, profile.layers, profile.data, cache=Cache(tmp_path))
     with pytest.warns(UserWarning, match="unreadable"):
         torch.testing.assert_close(again.gradient(profile.names[0]), expected)
 

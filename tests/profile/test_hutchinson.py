@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hessians import pairs
 from torch import Tensor, nn
 
 from allot.exceptions import ConfigError
@@ -70,7 +71,7 @@ def test_the_same_seed_gives_the_same_estimate() -> None:
 def test_trace_of_a_layer_hessian_through_hvps() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     batches = [(torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (6, 4)]
-    curvature = Curvature(model, ["0", "2"], batches, F.cross_entropy)
+    curvature = Curvature(model, ["0", "2"], pairs(batches))
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
 

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from hessians import MODELS, blocks, exact, flatten, rel_error, setup
+from hessians import MODELS, blocks, exact, flatten, pairs, rel_error, setup
 
 from allot.exceptions import ConfigError, DataError
 from allot.profile.hvp import Curvature
@@ -13,7 +12,7 @@ from allot.profile.hvp import Curvature
 def test_gradient_equals_autograd_on_the_full_data_loss(kind: str) -> None:
     model, names, batches = setup(kind)
     gradient, _ = exact(model, names, batches)
-    curvature = Curvature(model, names, batches, F.cross_entropy)
+    curvature = Curvature(model, names, pairs(batches))
     assert rel_error(flatten(list(curvature.gradient().values())), gradient) <= 1e-10
 
 
@@ -21,7 +20,7 @@ def test_gradient_equals_autograd_on_the_full_data_loss(kind: str) -> None:
 def test_full_hvp_equals_the_exact_hessian_times_v(kind: str) -> None:
     model, names, batches = setup(kind)
     _, hessian = exact(model, names, batches)
-    curvature = Curvature(model, names, batches, F.cross_entropy)
+    curvature = Curvature(model, names, pairs(batches))
     vectors = {name: torch.randn_like(model.get_submodule(name).weight) for name in names}
     hv = curvature.hvp(vectors)
     assert list(hv) == names
@@ -33,7 +32,7 @@ def test_layers_absent_from_the_vectors_count_as_zero() -> None:
     _, hessian = exact(model, names, batches)
     first, second = blocks(model, names)
     v = torch.randn_like(model.get_submodule(names[1]).weight)
-    hv = Curvature(model, names, batches, F.cross_entropy).hvp({names[1]: v})
+    hv = Curvature(model, names, pairs(batches)).hvp({names[1]: v})
     # Rows of the first layer hold the cross-layer block H_12 v, which is not zero.
     assert rel_error(hv[names[0]].flatten(), hessian[first, second] @ v.flatten()) <= 1e-6
     assert rel_error(hv[names[1]].flatten(), hessian[second, second] @ v.flatten()) <= 1e-6
@@ -43,7 +42,7 @@ def test_layers_absent_from_the_vectors_count_as_zero() -> None:
 def test_layer_hvp_equals_the_exact_hessian_block_times_v(kind: str) -> None:
     model, names, batches = setup(kind)
     _, hessian = exact(model, names, batches)
-    curvature = Curvature(model, names, batches, F.cross_entropy)
+    curvature = Curvature(model, names, pairs(batches))
     for name, block in zip(names, blocks(model, names), strict=True):
         v = torch.randn_like(model.get_submodule(name).weight)
         expected = hessian[block, block] @ v.flatten()
@@ -52,7 +51,7 @@ def test_layer_hvp_equals_the_exact_hessian_block_times_v(kind: str) -> None:
 
 def test_layer_hvps_equal_repeated_layer_hvp_and_cost_less() -> None:
     model, names, batches = setup("conv2d")
-    curvature = Curvature(model, names, batches, F.cross_entropy)
+    curvature = Curvature(model, names, pairs(batches))
     vs = [torch.randn_like(model.get_submodule("0").weight) for _ in range(3)]
     together = curvature.layer_hvps("0", vs)
     assert curvature.passes.fb_equivalents == 1 + 3
@@ -66,7 +65,7 @@ def test_layer_hvps_equal_repeated_layer_hvp_and_cost_less() -> None:
 def test_block_hvps_equal_the_exact_diagonal_blocks_in_one_sweep(kind: str) -> None:
     model, names, batches = setup(kind)
     _, hessian = exact(model, names, batches)
-    curvature = Curvature(model, names, batches, F.cross_entropy)
+    curvature = Curvature(model, names, pairs(batches))
     vectors = {
         name: [torch.randn_like(model.get_submodule(name).weight) for _ in range(k)]
         for name, k in zip(names, (2, 1), strict=True)
@@ -81,14 +80,14 @@ def test_block_hvps_equal_the_exact_diagonal_blocks_in_one_sweep(kind: str) -> N
 
 def test_block_hvps_of_no_vectors_cost_nothing() -> None:
     model, names, batches = setup("mlp")
-    curvature = Curvature(model, names, batches, F.cross_entropy)
+    curvature = Curvature(model, names, pairs(batches))
     assert curvature.block_hvps({names[0]: []}) == {names[0]: []}
     assert curvature.passes.fb_equivalents == 0
 
 
 def test_passes_count_sweeps_over_the_calibration_set() -> None:
     model, names, batches = setup("mlp")
-    curvature = Curvature(model, names, batches, F.cross_entropy)
+    curvature = Curvature(model, names, pairs(batches))
     curvature.gradient()
     curvature.gradient()  # cached: no more work
     assert (curvature.passes.gradient_sweeps, curvature.passes.second_backward_sweeps) == (1, 0)
@@ -106,7 +105,7 @@ def test_the_model_is_left_as_it_was() -> None:
     before = {key: value.clone() for key, value in model.state_dict().items()}
     flags = {key: p.requires_grad for key, p in model.named_parameters()}
     modes = {key: m.training for key, m in model.named_modules()}
-    curvature = Curvature(model, names, batches, F.cross_entropy)
+    curvature = Curvature(model, names, pairs(batches))
     v = {name: torch.randn_like(model.get_submodule(name).weight) for name in names}
     with torch.no_grad():  # the caller's grad mode does not matter
         hv = curvature.hvp(v)
@@ -125,10 +124,10 @@ def test_the_model_is_left_as_it_was() -> None:
 def test_bad_arguments_raise_clear_errors() -> None:
     model, names, batches = setup("mlp")
     with pytest.raises(DataError):
-        Curvature(model, names, [], F.cross_entropy)
+        Curvature(model, names, pairs([]))
     with pytest.raises(ConfigError, match="not a module"):
-        Curvature(model, ["9"], batches, F.cross_entropy)
-    curvature = Curvature(model, names, batches, F.cross_entropy)
+        Curvature(model, ["9"], pairs(batches))
+    curvature = Curvature(model, names, pairs(batches))
     with pytest.raises(ConfigError, match="not profiled"):
         curvature.layer_hvp("1", torch.zeros(6, 5, dtype=torch.float64))
     with pytest.raises(ConfigError, match="does not fit"):

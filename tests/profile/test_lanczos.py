@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hessians import pairs
 from torch import Tensor, nn
 
 from allot.exceptions import ConfigError
@@ -83,13 +84,13 @@ def test_indefinite_layer_hessian_through_hvps() -> None:
     )
     exact = np.linalg.eigh(hessian.numpy())[0]
     assert exact[0] < 0  # a saddle: the layer's Hessian block is indefinite
-    curvature = Curvature(model, ["0"], batches, F.cross_entropy)
+    curvature = Curvature(model, ["0"], pairs(batches))
 
     def matvec(v: Tensor) -> Tensor:
         return curvature.layer_hvp("0", v.view(curvature.shape("0"))).flatten()
 
-    pairs = lanczos(matvec, 24, 3, 24, "both", torch.Generator().manual_seed(0))
-    check_pairs(hessian, pairs, np.r_[exact[:3], exact[-3:]][::-1])
+    ritz = lanczos(matvec, 24, 3, 24, "both", torch.Generator().manual_seed(0))
+    check_pairs(hessian, ritz, np.r_[exact[:3], exact[-3:]][::-1])
     assert curvature.passes.fb_equivalents == 2 * 24
 
 

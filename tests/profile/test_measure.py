@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hessians import pairs
 from torch import Tensor, nn
 
 from allot.exceptions import ConfigError, DataError
@@ -65,12 +66,10 @@ def test_loss_change_equals_a_manual_computation() -> None:
         for name, delta in deltas.items():
             copied.get_submodule(name).weight += delta
     expected = full_loss_value(copied, batches) - full_loss_value(model, batches)
-    assert loss_change(model, deltas, batches, F.cross_entropy) == pytest.approx(
-        expected, rel=1e-12
-    )
-    reference = mean_loss(model, batches, F.cross_entropy)
+    assert loss_change(model, deltas, pairs(batches)) == pytest.approx(expected, rel=1e-12)
+    reference = mean_loss(model, pairs(batches))
     assert reference == pytest.approx(full_loss_value(model, batches), rel=1e-12)
-    measured = loss_change(model, deltas, batches, F.cross_entropy, reference=reference)
+    measured = loss_change(model, deltas, pairs(batches), reference=reference)
     assert measured == pytest.approx(expected, rel=1e-12)
 
 
@@ -83,7 +82,7 @@ def test_a_tiny_change_moves_the_loss_by_the_gradient_dot_delta() -> None:
     deltas = random_deltas(model, 1e-6)
     first_order = sum(float((g * d).sum()) for g, d in zip(gradients, deltas.values(), strict=True))
     assert abs(first_order) > 1e-7  # a factor of 2 or a sign error would be far outside 1e-3
-    measured = loss_change(model, deltas, batches, F.cross_entropy)
+    measured = loss_change(model, deltas, pairs(batches))
     assert measured == pytest.approx(first_order, rel=1e-3)
 
 
@@ -93,7 +92,7 @@ def test_mean_loss_runs_in_eval_mode_and_restores_training_flags() -> None:
     batches = make_batches()
     expected = full_loss_value(model.eval(), batches)
     model.train()
-    assert mean_loss(model, batches, F.cross_entropy) == pytest.approx(expected, rel=1e-12)
+    assert mean_loss(model, pairs(batches)) == pytest.approx(expected, rel=1e-12)
     assert all(module.training for module in model.modules())
 
 
@@ -110,7 +109,7 @@ def test_mean_loss_calls_dict_inputs_as_keyword_arguments() -> None:
     batches = make_batches()
     keyword_batches = [({"features": x}, y) for x, y in batches]
     expected = full_loss_value(model.linear, batches)
-    assert mean_loss(model, keyword_batches, F.cross_entropy) == pytest.approx(expected, rel=1e-12)
+    assert mean_loss(model, pairs(keyword_batches)) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -124,7 +123,7 @@ def test_bad_deltas_are_rejected_before_any_weight_changes(
     before = copy.deepcopy(model.state_dict())
     deltas = {"0": torch.ones(5, 4, dtype=torch.float64), name: torch.ones(shape)}
     with pytest.raises(ConfigError, match=message):
-        loss_change(model, deltas, make_batches(), F.cross_entropy)
+        loss_change(model, deltas, pairs(make_batches()))
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
 
@@ -138,5 +137,5 @@ def test_tied_weights_and_empty_batches_are_rejected() -> None:
         deltas = {name: torch.zeros(5, 4, dtype=torch.float64) for name in pair}
         with pytest.raises(ConfigError, match="tied"), perturbed(tied, deltas):
             pass
-    with pytest.raises(DataError, match="no samples"):
-        mean_loss(model, [], F.cross_entropy)
+    with pytest.raises(DataError, match="no batches"):
+        mean_loss(model, pairs([]))

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from allot import Budget, compress
-from allot.evaluate import calibration_loss
 from allot.exceptions import ConfigError
+from allot.profile.measure import mean_loss
 from allot.refine import get_refiner
 from allot.refine.feedback import feedback_target, refined_layers
 from allot.schemes.steer import DAMPING
@@ -47,7 +47,7 @@ def test_feedback_lowers_the_loss_of_a_steered_plan_and_stores_the_same(digits) 
     assert "refine" not in steered.plan.metadata
     assert refined.plan.weight_bits == steered.plan.weight_bits
     assert refined_layers(refined.plan) == [layer.name for layer in refined.plan.layers]
-    assert calibration_loss(refined.model, digits) < calibration_loss(steered.model, digits)
+    assert mean_loss(refined.model, digits) < mean_loss(steered.model, digits)
 
 
 def test_only_steered_layers_are_refined(digits) -> None:

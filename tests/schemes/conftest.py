@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from allot.data import Data, supervised
 from allot.discover import LayerSpec, discover
 from allot.modules.base import build_float_layer
 from allot.profile.engine import LayerProfile, Profile, Settings
@@ -50,8 +51,7 @@ class LayerCase:
             profile = Profile(
                 model,
                 discover(model).layers,
-                [(self.x, targets)],
-                _squared_distance,
+                Data([(self.x, targets)], supervised(_squared_distance)),
                 settings=Settings(probes_min=4, probes_max=4, lanczos_iterations=2),
                 progress=False,
             )

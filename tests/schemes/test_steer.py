@@ -64,7 +64,7 @@ def test_steering_lowers_the_output_error_of_a_layer_on_its_own_inputs() -> None
     # reproduce its float outputs: exactly quadratic, with no gradient term.
     case = make_case(SPECS["linear-nobias"], seed=3)
     profile = case.profile
-    x = profile.profile.batches[0][0]
+    x = next(profile.profile.data.batches())[0]
 
     def output_error(weight: torch.Tensor) -> float:
         return float((x @ (weight - case.weight).T).pow(2).sum() / x.shape[0])

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from allot.data import forward
 from allot.exceptions import ModelError
 from allot.zoo import MODELS, create_model, get_dataset, get_entry
 from allot.zoo import registry as zoo_registry
-from allot.zoo.data import forward
 from allot.zoo.tasks import ClassificationTask
 
 # minilm's data set embeds 4,000 sentences with the full model (a minute): tests/zoo/test_minilm.py

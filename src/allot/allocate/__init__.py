@@ -1,43 +1,99 @@
 """Allocate: choose one candidate per layer under a budget.
 
-`Options` holds every layer's candidate costs (bits) and predicted damages. An allocator maps
-``(options, max_cost)`` to one option index per layer; `ALLOCATORS` names them for methods:
+`Options` holds every layer's candidate costs (bits) and predicted damages. Every allocator offers
+the same three operations, so callers never branch on which one a method uses:
 
-- ``"knapsack"``: exact least damage within the budget (`minimize_damage`);
-- ``"greedy"``: the best point of the convex Pareto sweep within the budget (`greedy`);
-- ``"uniform"``: the same grid index in every layer (`uniform`).
+- `within_cost(options, max_cost)`: least damage whose total cost is at most `max_cost` bits;
+- `within_damage(options, max_damage)`: least cost whose total damage is at most `max_damage`;
+- `sequence(options)`: a curve of choices from the cheapest to the least damaging (the plans a
+  lossless search walks through).
 
-`minimize_cost` solves the complementary problem (least cost under a damage limit);
-`pareto_sweep` and `uniform_sequence` list whole curves of choices, cheapest first.
+Registered allocators: ``"knapsack"`` (exact multiple-choice knapsack both ways, with the convex
+Pareto sweep as its sequence), ``"greedy"`` (points of the convex Pareto sweep) and ``"uniform"``
+(the same grid index in every layer). New ones register with `register_allocator`.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from allot.allocate.greedy import greedy, lagrangian, lower_hull, pareto_sweep
+from allot.allocate.greedy import greedy, greedy_within_damage, lagrangian, lower_hull, pareto_sweep
 from allot.allocate.knapsack import minimize_cost, minimize_damage
 from allot.allocate.table import Options, nondominated
-from allot.allocate.uniform import uniform, uniform_sequence
+from allot.allocate.uniform import uniform, uniform_sequence, uniform_within_damage
+from allot.registry import Registry
 
-Allocator = Callable[[Options, float], list[int]]
-"""Maps (options, budget in bits) to one option index per layer; BudgetError if nothing fits."""
+Choice = list[int]
 
-ALLOCATORS: dict[str, Allocator] = {
-    "knapsack": minimize_damage,
-    "greedy": greedy,
-    "uniform": uniform,
-}
+
+@dataclass(frozen=True)
+class Allocator:
+    """An allocation rule: its three operations (see the module docstring); each raises
+    BudgetError when nothing meets its limit."""
+
+    name: str
+    within_cost: Callable[[Options, float], Choice]
+    within_damage: Callable[[Options, float], Choice]
+    sequence: Callable[[Options], list[Choice]]
+    description: str = ""
+
+
+ALLOCATORS: Registry[Allocator] = Registry("allocator")
+
+
+def register_allocator(allocator: Allocator) -> Allocator:
+    """Register an allocator under its name (methods name it in `Method.allocator`)."""
+    return ALLOCATORS.add(allocator.name, allocator)
+
+
+def get_allocator(name: str) -> Allocator:
+    """The registered allocator `name`; ConfigError listing the known ones otherwise."""
+    return ALLOCATORS[name]
+
+
+register_allocator(
+    Allocator(
+        "knapsack",
+        minimize_damage,
+        minimize_cost,
+        pareto_sweep,
+        "exact multiple-choice knapsack (HiGHS MILP)",
+    )
+)
+register_allocator(
+    Allocator(
+        "greedy",
+        greedy,
+        greedy_within_damage,
+        pareto_sweep,
+        "points of the convex Pareto sweep (exact at its own costs)",
+    )
+)
+register_allocator(
+    Allocator(
+        "uniform",
+        uniform,
+        uniform_within_damage,
+        uniform_sequence,
+        "the same grid index in every layer",
+    )
+)
 
 __all__ = [
     "ALLOCATORS",
     "Allocator",
+    "Choice",
     "Options",
+    "get_allocator",
     "greedy",
+    "greedy_within_damage",
     "lagrangian",
     "lower_hull",
     "minimize_cost",
     "minimize_damage",
     "nondominated",
     "pareto_sweep",
+    "register_allocator",
     "uniform",
     "uniform_sequence",
+    "uniform_within_damage",
 ]

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from allot.allocate.table import Options, nondominated
-from allot.exceptions import ConfigError
+from allot.exceptions import BudgetError, ConfigError
 
 
 def lower_hull(cost: np.ndarray, damage: np.ndarray) -> np.ndarray:
@@ -85,6 +85,21 @@ def greedy(options: Options, max_cost: float) -> list[int]:
             break
         best = choice
     return best
+
+
+def greedy_within_damage(options: Options, max_damage: float) -> list[int]:
+    """The cheapest point of `pareto_sweep` whose total damage is at most ``max_damage``.
+
+    Raises BudgetError if even the least damaging choice damages more than ``max_damage``.
+    """
+    max_damage = float(max_damage)
+    for choice in pareto_sweep(options):
+        if options.total(choice)[1] <= max_damage:
+            return choice
+    raise BudgetError(
+        f"damage limit {max_damage:.10g} is below the smallest damage reachable on the candidate "
+        f"grid ({options.min_damage():.10g}); raise the limit or add less damaging candidates"
+    )
 
 
 def lagrangian(options: Options, lam: float) -> list[int]:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from allot.candidates import Grid
-from allot.exceptions import ConfigError
+from allot.registry import Registry
+from allot.schemes import Grid
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method")
 
 
 @dataclass(frozen=True)
 class Method:
-    """A named recipe. `allocator` is a key of `allot.allocate.ALLOCATORS`; `error_model` a key of
+    """A named recipe. `grid(layer)` lists the schemes a layer may take (it sees the layer's name
+    and geometry); `allocator` is a key of `allot.allocate.ALLOCATORS`; `error_model` a key of
     `allot.errors.ERROR_MODELS`; `refine`, if set, a key of `allot.refine.REFINERS` run on the
     applied plan."""
 
@@ -26,14 +27,10 @@ class Method:
 
 
 def register_method(method: Method) -> Method:
-    if method.name in METHODS:
-        raise ValueError(f"method {method.name!r} registered twice")
-    METHODS[method.name] = method
-    return method
+    """Register a recipe under its name."""
+    return METHODS.add(method.name, method)
 
 
 def get_method(name: str) -> Method:
     """The registered method `name`; `ConfigError` listing the known ones otherwise."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[name]

@@ -7,7 +7,7 @@ knapsack on a simple error model. Every grid ends with `Keep` so that "no compre
 
 from __future__ import annotations
 
-from allot.discover import LayerSpec
+from allot.discover import Layer, LayerSpec
 from allot.methods.base import Method, register_method
 from allot.schemes import Keep, LowRank, Quant, Scheme, Sparse
 
@@ -16,7 +16,7 @@ RANK_FRACTIONS = tuple(k / 64 for k in range(1, 65))
 DENSITIES = tuple(k / 100 for k in range(1, 101))
 
 
-def quant_grid(spec: LayerSpec) -> list[Scheme]:
+def quant_grid(layer: Layer) -> list[Scheme]:
     """Per-output-channel round-to-nearest at every bit-width, then float."""
     return [*(Quant(bits) for bits in QUANT_BITS), Keep()]
 
@@ -26,16 +26,17 @@ def _smaller_or_keep(scheme: Scheme, spec: LayerSpec) -> Scheme:
     return scheme if scheme.storage_bits(spec) < Keep().storage_bits(spec) else Keep()
 
 
-def rank_grid(spec: LayerSpec) -> list[Scheme]:
+def rank_grid(layer: Layer) -> list[Scheme]:
     """The same fraction of full rank in every layer: rank = max(1, round(f * min(out, fan_in)))."""
+    spec = layer.spec
     full = min(spec.out_features, spec.fan_in)
     ranks = [max(1, round(f * full)) for f in RANK_FRACTIONS]
     return [*(_smaller_or_keep(LowRank(r), spec) for r in ranks), Keep()]
 
 
-def density_grid(spec: LayerSpec) -> list[Scheme]:
+def density_grid(layer: Layer) -> list[Scheme]:
     """The same fraction of weights kept (largest magnitudes) in every layer."""
-    return [*(_smaller_or_keep(Sparse(d), spec) for d in DENSITIES), Keep()]
+    return [*(_smaller_or_keep(Sparse(d), layer.spec) for d in DENSITIES), Keep()]
 
 
 register_method(

@@ -17,7 +17,7 @@ First and last layers get no special treatment: the allocator decides.
 
 from __future__ import annotations
 
-from allot.discover import LayerSpec
+from allot.discover import Layer, LayerSpec
 from allot.methods.base import Method, register_method
 from allot.schemes import Keep, Quant, Scheme
 
@@ -33,29 +33,29 @@ def _groupings(spec: LayerSpec) -> list[int | None]:
     return [None, GROUP] if grouped else [None]
 
 
-def cet_grid(spec: LayerSpec) -> list[Scheme]:
+def cet_grid(layer: Layer) -> list[Scheme]:
     """Round-to-nearest at every CET bit-width and grouping, then float."""
     return [
-        *(Quant(bits, group) for bits in CET_BITS for group in _groupings(spec)),
+        *(Quant(bits, group) for bits in CET_BITS for group in _groupings(layer.spec)),
         Keep(),
     ]
 
 
-def steered_grid(spec: LayerSpec) -> list[Scheme]:
+def steered_grid(layer: Layer) -> list[Scheme]:
     """Steered quantization at every CET bit-width and grouping, then float."""
     return [
-        *(Quant(bits, group, "steered") for bits in CET_BITS for group in _groupings(spec)),
+        *(Quant(bits, group, "steered") for bits in CET_BITS for group in _groupings(layer.spec)),
         Keep(),
     ]
 
 
-def uniform_steered_grid(spec: LayerSpec) -> list[Scheme]:
+def uniform_steered_grid(layer: Layer) -> list[Scheme]:
     """Per-channel steered quantization at every CET bit-width, then float (one setting per
     grid index in every layer, as the uniform allocator needs)."""
     return [*(Quant(bits, rounding="steered") for bits in CET_BITS), Keep()]
 
 
-def hawq_v3_grid(spec: LayerSpec) -> list[Scheme]:
+def hawq_v3_grid(layer: Layer) -> list[Scheme]:
     """4 or 8 bits per layer, as HAWQ-V3's integer program allows."""
     return [Quant(4), Quant(8)]
 

@@ -13,17 +13,15 @@ float64 on CPU) and accumulated over batches in float64; additive over batches (
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from allot.data import Data, forward, token_mask
 from allot.discover import Layer, LayerSpec
 from allot.exceptions import ConfigError, DataError
 from allot.progress import progress_bar
 from allot.stats import LayerStats
-from allot.zoo.data import Batch, forward, token_mask
 
 
 def patches(x: Tensor, spec: LayerSpec) -> Tensor:
@@ -70,9 +68,10 @@ def layer_rows(x: Tensor, spec: LayerSpec, mask: Tensor | None) -> Tensor:
 
 @torch.no_grad()
 def input_statistics(
-    model: nn.Module, layers: list[Layer], batches: Iterable[Batch], progress: bool = True
+    model: nn.Module, layers: list[Layer], data: Data, progress: bool = True
 ) -> dict[str, LayerStats]:
-    """One pass over `batches`: each layer's summed input second moment (float64) and patch count."""
+    """One pass over the calibration batches: each layer's summed input second moment (float64)
+    and patch count."""
     stats = {layer.name: LayerStats() for layer in layers}
     mask: list[Tensor | None] = [None]  # the current batch's real tokens
     handles = []
@@ -93,7 +92,8 @@ def input_statistics(
         handles.append(model.get_submodule(layer.name).register_forward_pre_hook(hook))
     try:
         model.eval()
-        for inputs, _targets in progress_bar(list(batches), "input statistics", progress):
+        for batch in progress_bar(data.batches(), "input statistics", progress, data.batch_count()):
+            inputs = data.inputs(batch)
             mask[0] = token_mask(inputs)
             forward(model, inputs)
     finally:

@@ -17,29 +17,31 @@ work in forward+backward sweeps over the calibration set.
 
 Cache keys cover the model's weights, the calibration batches, the loss, the layers and the
 settings, so a second run on the same inputs loads instead of recomputing (`allot.profile.cache`).
+Data come through the data contract (`allot.data`): batches are streamed, one pass per sweep.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, astuple, dataclass
 
 import torch
 from torch import Tensor, nn
 
+from allot.data import Data
 from allot.discover import Layer
 from allot.exceptions import ConfigError
 from allot.profile.activations import input_statistics
 from allot.profile.cache import Cache, Fingerprint
 from allot.profile.damage import SecondOrder, second_order_terms
 from allot.profile.hutchinson import Estimate, hutchinson_blocks
-from allot.profile.hvp import Curvature, LossFn
+from allot.profile.hvp import Curvature
 from allot.profile.lanczos import Krylov, Lanczos, RitzPairs
 from allot.progress import progress_counter
 from allot.stats import LayerStats
-from allot.zoo.data import Batch
 
-_VERSION = "allot-profile-3"
+_VERSION = "allot-profile-4"
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,13 @@ class Settings:
 
 
 class Profile:
-    """Lazily computed statistics of `model`'s `layers` on calibration `batches` under `loss_fn`."""
+    """Lazily computed statistics of `model`'s `layers` on `data`'s calibration batches and loss."""
 
     def __init__(
         self,
         model: nn.Module,
         layers: Sequence[Layer],
-        batches: Sequence[Batch],
-        loss_fn: LossFn,
+        data: Data,
         *,
         settings: Settings | None = None,
         cache: Cache | None = None,
@@ -88,12 +89,11 @@ class Profile:
         self.model = model
         self.layers = list(layers)
         self.names = [layer.name for layer in self.layers]
-        self.batches = list(batches)
-        self.loss_fn = loss_fn
+        self.data = data
         self.settings = settings or Settings()
         self.cache = cache or Cache(None)
         self.progress = progress
-        self.curvature = Curvature(model, self.names, self.batches, loss_fn)
+        self.curvature = Curvature(model, self.names, data)
         self._key: str | None = None
         self._inputs: dict[str, LayerStats] | None = None
         self._gradient: dict[str, Tensor] | None = None
@@ -114,9 +114,7 @@ class Profile:
             key = self._entry_key("inputs")
             stored = self.cache.get(key)
             if stored is None:
-                self._inputs = input_statistics(
-                    self.model, self.layers, self.batches, self.progress
-                )
+                self._inputs = input_statistics(self.model, self.layers, self.data, self.progress)
                 self.cache.put(key, _pack_inputs(self._inputs))
             else:
                 self._inputs = _unpack_inputs(stored, self.names)
@@ -211,7 +209,8 @@ class Profile:
         entry = self._entry_key("second-order", sorted(k for ds in missing.values() for k in ds))
         stored = self.cache.get(entry)
         if stored is None:
-            steps = len(self.batches) * sum(len(ds) for ds in missing.values())
+            count = self.data.batch_count()
+            steps = None if count is None else count * sum(len(ds) for ds in missing.values())
             with progress_counter("exact second-order damage", self.progress, steps) as step:
                 self.curvature.on_step = step
                 try:
@@ -257,15 +256,16 @@ class Profile:
 
     def _entry_key(self, kind: str, *settings: object) -> str:
         if self._key is None:
-            self._key = (
-                Fingerprint()
-                .value(_VERSION)
-                .model(self.model)
-                .batches(self.batches)
-                .value(_loss_identity(self.loss_fn))
-                .value(self.names)
-                .hexdigest()
-            )
+            fingerprint = Fingerprint().value(_VERSION).model(self.model)
+            try:
+                fingerprint.batches(self.data)
+            except TypeError as exc:
+                if self.cache.directory is not None:
+                    warnings.warn(
+                        f"profile not cached: {exc} in the calibration batches", stacklevel=3
+                    )
+                self.cache = Cache(None)
+            self._key = fingerprint.value(self.names).hexdigest()
         return Fingerprint().value([self._key, kind, *settings]).hexdigest()
 
 
@@ -287,14 +287,6 @@ class LayerProfile:
 
     def eigenpairs(self) -> RitzPairs:
         return self.profile.eigenpairs()[self.name]
-
-
-def _loss_identity(loss_fn: LossFn) -> str:
-    """A stable description of the loss for cache keys: its qualified name, and for a bound
-    method the repr of its owner (a task's dataclass repr lists its settings)."""
-    owner = getattr(loss_fn, "__self__", None)
-    name = f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}"
-    return f"{name} of {owner!r}" if owner is not None else name
 
 
 def _pack_inputs(stats: dict[str, LayerStats]) -> dict[str, Tensor]:

@@ -1,8 +1,8 @@
 """Gradient and Hessian-vector products of the calibration loss, by double backprop.
 
 The calibration loss is the sample-weighted mean of the per-batch mean losses,
-L = sum_b n_b L_b / N, with n_b the number of samples (rows of the targets) of batch b and
-N = sum_b n_b. The parameters are the `.weight` tensors of the named layers; biases and every other
+L = sum_b n_b L_b / N, with n_b the number of samples of batch b (`Data.size`) and N = sum_b n_b,
+over the calibration batches of the data contract (`allot.data`), streamed once per sweep. The parameters are the `.weight` tensors of the named layers; biases and every other
 parameter are held fixed. Hessian-vector products use Pearlmutter's trick, H v = d/dw (g(w) . v):
 per batch one forward, one backward that records its own graph, and one second backward per vector.
 
@@ -24,11 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from allot.data import Data
 from allot.exceptions import ConfigError, DataError
 from allot.profile.convolution import split_convolutions
-from allot.zoo.data import Batch, forward
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -57,22 +55,18 @@ class Passes:
 class Curvature:
     """Gradient and Hessian-vector products of a model's calibration loss w.r.t. layer weights.
 
-    `layers` are qualified module names whose `.weight` are the parameters; `batches` are
-    (inputs, targets) pairs; `loss_fn(outputs, targets)` returns a batch's mean loss. Vectors and
+    `layers` are qualified module names whose `.weight` are the parameters; `data` gives the
+    calibration batches and the loss (`allot.data.Data`). Vectors and
     results have the weights' shapes; results are in the model's dtype, in loss units per squared
     weight unit (H v) or loss units per weight unit (g). `passes` counts the work spent;
     `on_step()` is called after each batch's second backward of each vector (for progress bars).
     """
 
-    def __init__(
-        self, model: nn.Module, layers: Sequence[str], batches: Sequence[Batch], loss_fn: LossFn
-    ) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[str], data: Data) -> None:
         if not layers:
             raise ConfigError("no layers given; name at least one layer whose weight to profile")
         if len(set(layers)) != len(layers):
             raise ConfigError(f"layer names repeat: {list(layers)}")
-        if not batches:
-            raise DataError("no calibration batches; profiling needs at least one batch")
         modules = dict(model.named_modules())
         self._weights: dict[str, nn.Parameter] = {}
         for name in layers:
@@ -86,11 +80,7 @@ class Curvature:
             self._weights[name] = weight
         self.model = model
         self.layers = list(layers)
-        self.batches = list(batches)
-        self.loss_fn = loss_fn
-        self.samples = sum(int(targets.shape[0]) for _, targets in self.batches)
-        if self.samples == 0:
-            raise DataError("the calibration batches hold no samples")
+        self.data = data
         self.passes = Passes()
         self.on_step: Callable[[], None] = lambda: None
         self._gradient: dict[str, Tensor] | None = None
@@ -103,13 +93,15 @@ class Curvature:
         """g_i = dL/dw_i for every layer (computed once, one gradient sweep, then cached)."""
         if self._gradient is None:
             sums = [torch.zeros_like(self._weights[name]) for name in self.layers]
+            samples = 0
             with self._differentiating(self.layers) as weights:
                 for n, grads in self._batch_gradients(weights, create_graph=False):
+                    samples += n
                     for total, grad in zip(sums, grads, strict=True):
                         total.add_(grad, alpha=n)
             self.passes.gradient_sweeps += 1
             self._gradient = {
-                name: s / self.samples for name, s in zip(self.layers, sums, strict=True)
+                name: s / _checked(samples) for name, s in zip(self.layers, sums, strict=True)
             }
         return dict(self._gradient)
 
@@ -166,8 +158,10 @@ class Curvature:
         weights = {name: self._weights[name] for name in names}
         vectors = [{n: self._vector(weights[n], v) for n, v in vs.items()} for vs, _ in requests]
         sums = [{n: torch.zeros_like(weights[n]) for n in outputs} for _, outputs in requests]
+        samples = 0
         with self._differentiating(names) as params:
             for n_b, grads in self._batch_gradients(params, create_graph=True):
+                samples += n_b
                 gradient = dict(zip(names, grads, strict=True))
                 for k, (request, total) in enumerate(zip(vectors, sums, strict=True)):
                     terms = [(gradient[n] * v).sum() for n, v in request.items()]
@@ -185,7 +179,7 @@ class Curvature:
                     self.on_step()
         self.passes.gradient_sweeps += 1
         self.passes.second_backward_sweeps += len(vectors)
-        return [{n: s / self.samples for n, s in total.items()} for total in sums]
+        return [{n: s / _checked(samples) for n, s in total.items()} for total in sums]
 
     @staticmethod
     def _vector(weight: Tensor, v: Tensor | None) -> Tensor | None:
@@ -201,15 +195,15 @@ class Curvature:
         self, params: list[Tensor], create_graph: bool
     ) -> Iterator[tuple[int, tuple[Tensor, ...]]]:
         """Per batch: its sample count n_b and the gradient of its mean loss w.r.t. `params`."""
-        for inputs, targets in self.batches:
+        for batch in self.data.batches():
             # the graph of a gradient is built for a second backward, which split convolutions
             # run without PyTorch's unneeded weight-gradient convolutions
             with split_convolutions(self.model) if create_graph else nullcontext():
-                loss = self.loss_fn(forward(self.model, inputs), targets)
+                loss = self.data.loss(self.data.outputs(self.model, batch), batch)
                 grads = torch.autograd.grad(
                     loss, params, create_graph=create_graph, materialize_grads=True
                 )
-            yield int(targets.shape[0]), grads
+            yield self.data.size(batch), grads
 
     @contextmanager
     def _differentiating(self, names: list[str]) -> Iterator[list[Tensor]]:
@@ -230,3 +224,9 @@ class Curvature:
                 p.requires_grad_(flag)
             for module, training in modes:
                 module.training = training
+
+
+def _checked(samples: int) -> int:
+    if samples == 0:
+        raise DataError("the calibration batches hold no samples")
+    return samples

@@ -35,6 +35,27 @@ class RitzPairs:
     vectors: Tensor
     residuals: Tensor
 
+    @property
+    def saddle(self) -> bool:
+        """Whether the matrix certainly has a negative eigenvalue: the smallest Ritz value is below
+        minus its residual bound by more than rounding (`SADDLE_TOLERANCE` of the largest |value|),
+        so a semidefinite matrix whose smallest eigenvalue is zero up to rounding is no saddle."""
+        return is_saddle(
+            float(self.values.min()),
+            float(self.residuals[int(self.values.argmin())]),
+            float(self.values.abs().max()),
+        )
+
+
+SADDLE_TOLERANCE = 1e-6
+"""Relative size, against the largest |eigenvalue|, of what counts as zero up to rounding."""
+
+
+def is_saddle(smallest: float, residual: float, largest: float) -> bool:
+    """True when an eigenvalue estimate `smallest` with error bound `residual` is certainly
+    negative, beyond `SADDLE_TOLERANCE` of the magnitude `largest`."""
+    return smallest + residual < -SADDLE_TOLERANCE * abs(largest)
+
 
 class Lanczos:
     """One Lanczos run driven one matvec at a time: `query()` is the next vector to multiply,

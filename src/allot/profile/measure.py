@@ -1,7 +1,7 @@
 """Measured calibration-loss changes of weight perturbations, to check second-order predictions.
 
 The calibration loss is the sample-weighted mean of the per-batch mean losses,
-L = sum_b n_b L_b / N, with n_b the number of samples (rows of the targets) of batch b, the same loss
+L = sum_b n_b L_b / N over the data contract's calibration batches (`allot.data`), the same loss
 that `allot.profile.hvp` differentiates. Losses are in the loss function's units (nats for
 cross-entropy). The model runs in eval mode, without gradients, in its own dtype and on its own
 device (batches must already be there); its training flags are restored after every call.
@@ -9,15 +9,14 @@ device (batches must already be there); its training flags are restored after ev
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
+from allot.data import Data
 from allot.exceptions import ConfigError, DataError
-from allot.profile.hvp import LossFn
-from allot.zoo.data import Batch, forward
 
 
 @contextmanager
@@ -41,19 +40,16 @@ def perturbed(model: nn.Module, deltas: dict[str, Tensor]) -> Iterator[None]:
                 weight.copy_(originals[name])
 
 
-def mean_loss(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn) -> float:
-    """The calibration loss sum_b n_b L_b / N over (inputs, targets) `batches`, in loss units.
-
-    `loss_fn(outputs, targets)` returns a batch's mean loss; n_b is `targets.shape[0]`.
-    """
+def mean_loss(model: nn.Module, data: Data) -> float:
+    """The calibration loss sum_b n_b L_b / N of `data`'s calibration batches, in loss units."""
     modes = [(module, module.training) for module in model.modules()]
     total, samples = 0.0, 0
     try:
         model.eval()
         with torch.no_grad():
-            for inputs, targets in batches:
-                n = int(targets.shape[0])
-                total += n * float(loss_fn(forward(model, inputs), targets))
+            for batch in data.batches():
+                n = data.size(batch)
+                total += n * float(data.loss(data.outputs(model, batch), batch))
                 samples += n
     finally:
         for module, training in modes:
@@ -66,19 +62,18 @@ def mean_loss(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn) -> fl
 def loss_change(
     model: nn.Module,
     deltas: dict[str, Tensor],
-    batches: Sequence[Batch],
-    loss_fn: LossFn,
+    data: Data,
     reference: float | None = None,
 ) -> float:
     """Measured L(w + d) - L(w), in loss units, for the weight changes `deltas` (see `perturbed`).
 
-    `reference` is L(w); when None it is measured too (one more pass over `batches`), so passing it
+    `reference` is L(w); when None it is measured too (one more pass over the calibration batches), so passing it
     saves that pass when several perturbations are measured against the same weights.
     """
     with perturbed(model, deltas):
-        changed = mean_loss(model, batches, loss_fn)
+        changed = mean_loss(model, data)
     if reference is None:
-        reference = mean_loss(model, batches, loss_fn)
+        reference = mean_loss(model, data)
     return changed - reference
 
 

@@ -1,5 +1,7 @@
-"""Error feedback: re-fit a plan's steered layers in order, each on the inputs the already
-compressed layers before it really produce, towards the float model's outputs.
+"""Error feedback: re-fit a plan's layers in order, each on the inputs the already compressed
+layers before it really produce, towards the float model's outputs. Every layer whose scheme
+says it can be re-fitted to input statistics (`Scheme.refits`: steered quantization today) is
+re-fitted; the others stay as applied.
 
 Steering fits every layer alone, on the float model's inputs. Once a plan is applied, layer l
 sees inputs x_q that the compressed layers before it have moved away from the float inputs x_f.
@@ -13,11 +15,10 @@ which is (W~ - T)(M_qq + lam I)(W~ - T)' up to a constant, with M_qq = sum x_q x
 
 The ridge term pulls T towards the float weight where the inputs do not determine it (fewer rows
 than inputs), and T = W exactly when nothing upstream changed (x_q = x_f). lam is `DAMPING` times
-the mean diagonal of M_qq, as in steering. The layer's scheme, bits and storage stay the plan's:
-only its codes, scales and offsets change, steered on M_qq as `steer` steers on M, and with the
-grid then re-fitted to the codes by least squares (`steer`'s `refit`). This is the idea of GPTQ's
-and AdaRound's layer-by-layer fitting on the quantized model's inputs, applied to allot's steered
-rounding.
+the mean diagonal of M_qq, as in steering. The layer's scheme and storage stay the plan's: the
+scheme fits the target under M_qq (`Scheme.refit`; a steered quantization steers its codes on M_qq
+as `steer` steers on M, then re-fits its grid to the codes by least squares). This is the idea of
+GPTQ's and AdaRound's layer-by-layer fitting on the quantized model's inputs.
 """
 
 from __future__ import annotations
@@ -25,55 +26,43 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from allot.data import Data, token_mask
 from allot.discover import LayerSpec, fold_weight_2d, get_weight
 from allot.plan import Plan
 from allot.profile.activations import layer_rows
 from allot.progress import progress_bar
-from allot.schemes import Quant
 from allot.schemes.steer import DAMPING
 from allot.stats import LayerStats
-from allot.zoo.data import Batch, Dataset, forward, token_mask
 
 
 def refined_layers(plan: Plan) -> list[str]:
-    """The plan's layers error feedback re-fits: those quantized with steered rounding."""
-    return [
-        layer.name
-        for layer in plan.layers
-        if isinstance(layer.scheme, Quant) and layer.scheme.rounding == "steered"
-    ]
+    """The plan's layers error feedback re-fits: those whose scheme can be re-fitted."""
+    return [layer.name for layer in plan.layers if layer.scheme.refits]
 
 
 @torch.no_grad()
 def feedback(
-    reference: nn.Module, model: nn.Module, plan: Plan, dataset: Dataset, progress: bool = True
+    reference: nn.Module, model: nn.Module, plan: Plan, data: Data, progress: bool = True
 ) -> nn.Module:
-    """Re-fit `model`'s steered layers (the plan applied to `reference`, the float BatchNorm-folded
-    model) in order on the calibration split, in place; returns `model`."""
-    batches = list(dataset.calibration.batches(dataset.batch_size))
+    """Re-fit `model`'s re-fittable layers (the plan applied to `reference`, the float
+    BatchNorm-folded model) in order on the calibration batches, in place; returns `model`."""
     planned = {layer.name: layer for layer in plan.layers}
     for name in progress_bar(refined_layers(plan), "error feedback", progress):
         layer = planned[name]
-        quantized, cross = paired_moments(reference, model, name, layer.spec, batches)
+        quantized, cross = paired_moments(reference, model, name, layer.spec, data)
         weight, bias = get_weight(reference, name)
         target = feedback_target(fold_weight_2d(weight).double(), quantized, cross)
-        scheme = layer.scheme
-        assert isinstance(scheme, Quant)
         model.set_submodule(
             name,
-            scheme.fit_steered(
-                target.to(weight.dtype).reshape(weight.shape),
-                bias,
-                layer.spec,
-                quantized,
-                refit=True,
+            layer.scheme.refit(
+                target.to(weight.dtype).reshape(weight.shape), bias, layer.spec, quantized
             ),
         )
     return model.eval()
 
 
 def paired_moments(
-    reference: nn.Module, model: nn.Module, name: str, spec: LayerSpec, batches: list[Batch]
+    reference: nn.Module, model: nn.Module, name: str, spec: LayerSpec, data: Data
 ) -> tuple[LayerStats, Tensor]:
     """Layer `name`'s input second moment in `model` (sum x_q x_q', float64, with its row count)
     and the cross moment with the same rows in `reference` (sum x_f x_q')."""
@@ -92,10 +81,10 @@ def paired_moments(
     ]
     second, cross, rows = None, None, 0
     try:
-        for inputs, _targets in batches:
-            mask[0] = token_mask(inputs)
-            forward(reference.eval(), inputs)
-            forward(model.eval(), inputs)
+        for batch in data.batches():
+            mask[0] = token_mask(data.inputs(batch))
+            data.outputs(reference.eval(), batch)
+            data.outputs(model.eval(), batch)
             x_q, x_f = captured["quantized"], captured["float"]
             second = x_q.T @ x_q if second is None else second + x_q.T @ x_q
             cross = x_f.T @ x_q if cross is None else cross + x_f.T @ x_q

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from allot.io import atomic_write, write_json
+from allot.files import atomic_write, write_json
 from allot.plan import Plan
 from allot.report.plots import (
     allocation_plot,

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from allot.io import atomic_write
+from allot.files import atomic_write
 from allot.plan import Plan
 from allot.sensitivity import Sensitivity
 

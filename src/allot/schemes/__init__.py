@@ -1,6 +1,14 @@
 """Schemes: how one layer is compressed (see `allot.schemes.base`)."""
 
-from allot.schemes.base import SCHEMES, Scheme, parse_scheme, register_scheme, scheme_from_json
+from allot.schemes.base import (
+    SCHEMES,
+    Grid,
+    Scheme,
+    parse_scheme,
+    register_scheme,
+    scheme_from_json,
+)
+from allot.schemes.combo import Sum
 from allot.schemes.keep import Keep
 from allot.schemes.lowrank import LowRank
 from allot.schemes.quant import Quant
@@ -8,11 +16,13 @@ from allot.schemes.sparse import Sparse
 
 __all__ = [
     "SCHEMES",
+    "Grid",
     "Keep",
     "LowRank",
     "Quant",
     "Scheme",
     "Sparse",
+    "Sum",
     "parse_scheme",
     "register_scheme",
     "scheme_from_json",

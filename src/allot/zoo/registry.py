@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from allot.exceptions import ModelError
+from allot.registry import Registry
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -54,7 +55,7 @@ class ZooModel:
         return CHECKPOINT_DIR / f"{self.name}.safetensors"
 
 
-MODELS: dict[str, ZooModel] = {}
+MODELS: Registry[ZooModel] = Registry("zoo model", ModelError)
 
 
 def register_model(
@@ -67,9 +68,7 @@ def register_model(
     """Decorator: register a model constructor under `name`."""
 
     def wrap(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} registered twice")
-        MODELS[name] = ZooModel(name, build, dataset, description, recipe, pretrained)
+        MODELS.add(name, ZooModel(name, build, dataset, description, recipe, pretrained))
         return build
 
     return wrap
@@ -77,8 +76,6 @@ def register_model(
 
 def get_entry(name: str) -> ZooModel:
     """The registry entry for `name`; `ModelError` listing the known names otherwise."""
-    if name not in MODELS:
-        raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(sorted(MODELS))}")
     return MODELS[name]
 
 

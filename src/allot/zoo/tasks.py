@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from allot.data import forward
 from allot.exceptions import DataError
-from allot.zoo.data import Dataset, forward
+from allot.zoo.data import Dataset
 
 
 class ClassificationTask:

@@ -22,8 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 from torch import nn
 
+from allot.data import forward
 from allot.exceptions import ConfigError, ModelError
-from allot.zoo.data import forward, get_dataset
+from allot.zoo.data import get_dataset
 from allot.zoo.registry import CHECKPOINT_DIR, TrainRecipe, get_entry
 
 

@@ -1,0 +1,129 @@
+"""Sum: an additive combination of schemes (LC Part V), e.g. quantized + sparse.
+
+The layer's weight is W ~ sum_k Delta_k, each part stored by its own scheme; storage is the exact
+sum of the parts' storage. Fitting is the LC C step for a sum: alternating over the parts, each
+part fitted by its own scheme to the residual the others leave, W - sum_{j != k} Delta_j, starting
+from all parts at zero, for `repeats` rounds. A part's new fit replaces its old one only when it
+leaves a smaller residual |W - sum_j Delta_j|_F, so the residual never increases from one step to
+the next (each part's own fit minimises its own objective, which for steered or data-aware parts
+is not the plain weight error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from allot.discover import LayerSpec
+from allot.exceptions import ConfigError, PlanError
+from allot.modules.base import CompressedLayer, check_layer_tensors
+from allot.modules.combo import SumLayer
+from allot.schemes.base import (
+    Scheme,
+    check_int_field,
+    parse_scheme,
+    register_scheme,
+    scheme_from_json,
+)
+
+if TYPE_CHECKING:
+    from allot.profile.engine import LayerProfile
+
+REPEATS = 10
+
+
+@register_scheme
+@dataclasses.dataclass(frozen=True)
+class Sum(Scheme):
+    """The sum of two or more `parts` (schemes other than Keep and Sum); `quant:1+sparse:0.02`.
+    `repeats` is the number of alternating rounds of the fit."""
+
+    kind: ClassVar[str] = "sum"
+    parts: tuple[Scheme, ...]
+    repeats: int = REPEATS
+
+    def __post_init__(self) -> None:
+        parts = tuple(self.parts) if isinstance(self.parts, (tuple, list)) else self.parts
+        if not isinstance(parts, tuple) or len(parts) < 2:
+            raise ConfigError(f"Sum.parts must hold at least two schemes, got {self.parts!r}")
+        for part in parts:
+            if not isinstance(part, Scheme) or part.kind in ("keep", "sum"):
+                raise ConfigError(
+                    f"Sum.parts must be compressing schemes (not keep, not another sum), got {part!r}"
+                )
+        object.__setattr__(self, "parts", parts)
+        check_int_field("Sum", "repeats", self.repeats, 1, 1000)
+
+    def label(self) -> str:
+        return "+".join(part.label() for part in self.parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "parts": [p.to_json() for p in self.parts],
+            "repeats": self.repeats,
+        }
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], where: str, depth: int) -> Sum:
+        parts = params.get("parts")
+        if not isinstance(parts, list):
+            raise PlanError(f"{where}.parts: expected a list of schemes, got {parts!r:.80}")
+        built = [
+            scheme_from_json(part, f"{where}.parts[{i}]", depth + 1) for i, part in enumerate(parts)
+        ]
+        return super().from_params({**params, "parts": tuple(built)}, where, depth)
+
+    def check(self, spec: LayerSpec) -> None:
+        inner = _inner(spec)
+        for part in self.parts:
+            part.check(inner)
+
+    def storage_bits(self, spec: LayerSpec) -> int:
+        inner = _inner(spec)
+        return sum(part.storage_bits(inner) for part in self.parts)
+
+    def compress(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        profile: LayerProfile | None = None,
+    ) -> SumLayer:
+        check_layer_tensors(spec, weight, bias)
+        self.check(spec)
+        inner = _inner(spec)
+        target = weight.detach()
+        fitted: list[CompressedLayer | None] = [None] * len(self.parts)
+        dense = [torch.zeros_like(target) for _ in self.parts]
+        for _ in range(self.repeats):
+            for k, part in enumerate(self.parts):
+                others = sum((d for j, d in enumerate(dense) if j != k), torch.zeros_like(target))
+                residual = target - others
+                module = part.compress(residual, None, inner, profile)
+                assert isinstance(module, CompressedLayer)
+                candidate = module.reconstruct().detach()
+                if fitted[k] is None or _error(residual, candidate) < _error(residual, dense[k]):
+                    fitted[k], dense[k] = module, candidate
+        return SumLayer(spec, [m for m in fitted if m is not None], bias)
+
+    def empty(self, spec: LayerSpec) -> SumLayer:
+        self.check(spec)
+        inner = _inner(spec)
+        return SumLayer(spec, [part.empty(inner) for part in self.parts])
+
+    @classmethod
+    def parse_args(cls, args: list[str]) -> Sum:
+        return cls(tuple(parse_scheme(text) for text in args))
+
+
+def _inner(spec: LayerSpec) -> LayerSpec:
+    """The parts' geometry: the layer's, without a bias (the sum holds it)."""
+    return spec.with_channels(bias=False)
+
+
+def _error(target: Tensor, approximation: Tensor) -> float:
+    return float((target - approximation).double().pow(2).sum())

@@ -1,0 +1,83 @@
+"""The additive scheme: its alternating fit, storage, nesting limits and string form."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import SPECS, make_case
+
+from allot.exceptions import ConfigError, PlanError
+from allot.modules.base import dense_weight
+from allot.schemes import Keep, LowRank, Quant, Sparse, Sum, parse_scheme, scheme_from_json
+
+
+def _residual(scheme, case) -> float:
+    module = scheme.compress(case.weight, case.bias, case.spec)
+    return float((dense_weight(module).detach() - case.weight).double().pow(2).sum())
+
+
+@pytest.mark.parametrize("parts", [(Quant(2), Sparse(0.05)), (LowRank(1), Sparse(0.1))])
+def test_more_rounds_never_increase_the_residual(parts) -> None:
+    case = make_case(SPECS["linear-nobias"], seed=2)
+    residuals = [_residual(Sum(parts, repeats=r), case) for r in range(1, 7)]
+    assert all(b <= a for a, b in itertools.pairwise(residuals))
+
+
+def test_later_rounds_improve_on_the_first_where_the_parts_interact() -> None:
+    case = make_case(SPECS["linear-nobias"], seed=2)
+    parts = (LowRank(1), Sparse(0.1))
+    assert _residual(Sum(parts, repeats=6), case) < 0.99 * _residual(Sum(parts, repeats=1), case)
+
+
+def test_a_sum_beats_each_of_its_parts_alone() -> None:
+    case = make_case(SPECS["conv2d-dilated"], seed=1)
+    whole = _residual(Sum((Quant(2), Sparse(0.05))), case)
+    assert whole < _residual(Quant(2), case)
+    assert whole < _residual(Sparse(0.05), case)
+
+
+def test_storage_is_the_sum_of_the_parts_without_bias() -> None:
+    spec = SPECS["linear"]
+    inner = spec.with_channels(bias=False)
+    scheme = Sum((Quant(3, 4), LowRank(2), Sparse(0.1)))
+    assert scheme.storage_bits(spec) == sum(p.storage_bits(inner) for p in scheme.parts)
+
+
+def test_parts_must_be_compressing_schemes() -> None:
+    with pytest.raises(ConfigError, match="at least two"):
+        Sum((Quant(2),))
+    with pytest.raises(ConfigError, match="not keep"):
+        Sum((Quant(2), Keep()))
+    with pytest.raises(ConfigError, match="not another sum"):
+        Sum((Quant(2), Sum((Quant(2), Sparse(0.1)))))
+    with pytest.raises(ConfigError, match="exceeds the layer's full rank"):
+        Sum((Quant(2), LowRank(99))).check(SPECS["linear"])
+
+
+def test_json_nests_and_deep_or_broken_nesting_is_refused() -> None:
+    scheme = parse_scheme("quant:1+sparse:0.02")
+    assert scheme == Sum((Quant(1), Sparse(0.02)))
+    data = scheme.to_json()
+    assert data["parts"][0] == {"kind": "quant", "bits": 1, "group": None, "rounding": "nearest"}
+    assert scheme.label() == "quant1+sparse0.02"
+    broken = {**data, "parts": [data["parts"][0], {"kind": "sparse", "density": 7}]}
+    with pytest.raises(PlanError, match=r"parts\[1\]"):
+        scheme_from_json(broken)
+    deep: dict = {"kind": "quant", "bits": 2}
+    for _ in range(20):
+        deep = {"kind": "sum", "parts": [deep, deep]}
+    with pytest.raises(PlanError, match="nest deeper"):
+        scheme_from_json(deep)
+
+
+def test_the_fit_is_deterministic_and_reloads() -> None:
+    case = make_case(SPECS["conv1d-strided"], seed=4)
+    scheme = Sum((Quant(2, 4, "steered"), Sparse(0.05)))
+    first = scheme.compress(case.weight, case.bias, case.spec, case.profile)
+    again = scheme.compress(case.weight, case.bias, case.spec, case.profile)
+    assert torch.equal(dense_weight(first), dense_weight(again))
+    fresh = scheme.empty(case.spec)
+    fresh.load_state_dict(first.state_dict())
+    assert torch.equal(fresh(case.x), first(case.x))

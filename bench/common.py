@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from allot.io import atomic_write
+from allot.files import atomic_write
 from allot.zoo import Dataset
 
 RESULTS = Path(__file__).parent / "results"

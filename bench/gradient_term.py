@@ -20,22 +20,22 @@ from common import RESULTS, command, environment
 
 from allot import Budget, compress_scored, score
 from allot.candidates import CandidateTable
+from allot.data import forward
 from allot.discover import get_weight
 from allot.evaluate import metrics
-from allot.io import atomic_write, write_json
+from allot.files import atomic_write, write_json
 from allot.methods import Method
 from allot.methods.cet import cet_grid
 from allot.modules.base import dense_weight
 from allot.zoo import create_model, get_dataset, get_entry
-from allot.zoo.data import forward
 
 RATIOS = (4.0, 8.0, 11.0, 16.0)
 VARIANTS = ("g.d + 1/2 d'Hd", "shrunk g.d + 1/2 d'Hd", "1/2 d'Hd")
 
 
-def _linear_stderr(scored, deltas: dict[str, list[torch.Tensor]], chunk: int) -> dict:
+def _linear_stderr(scored, dataset, deltas: dict[str, list[torch.Tensor]], chunk: int) -> dict:
     """Standard error of each g.d across calibration chunks (sample-weighted mean of chunks)."""
-    work, dataset = scored.work, scored.dataset
+    work = scored.work
     names = list(deltas)
     params = [work.get_submodule(n).weight for n in names]
     work.eval()
@@ -66,7 +66,7 @@ def run(model_name: str, calibration: int, seed: int, chunk: int) -> dict:
                 dense_weight(c.scheme.compress(weight, bias, layer.spec)) - weight for c in row
             ]
     terms = scored.profile.second_order(deltas)  # remembered from scoring: no new pass
-    stderr = _linear_stderr(scored, deltas, chunk)
+    stderr = _linear_stderr(scored, dataset, deltas, chunk)
     ratios = [
         abs(t.linear) / se
         for n in deltas
@@ -92,7 +92,7 @@ def run(model_name: str, calibration: int, seed: int, chunk: int) -> dict:
         row = {"damage": variant}
         for ratio in RATIOS:
             result = compress_scored(variant_scored, Budget("ratio", ratio))
-            row[f"{ratio:g}x"] = metrics(result.model, dataset)[dataset.task.headline]
+            row[f"{ratio:g}x"] = metrics(result.model, scored.data)[dataset.task.headline]
         rows.append(row)
         print(row, flush=True)
     return {

@@ -21,7 +21,7 @@ from common import RESULTS, command, environment
 
 import allot.profile.hvp as hvp
 from allot.api import prepare, profile
-from allot.io import atomic_write, write_json
+from allot.files import atomic_write, write_json
 from allot.profile.engine import Settings
 from allot.profile.hutchinson import hutchinson_blocks
 from allot.zoo import create_model, get_dataset, get_entry
@@ -37,7 +37,7 @@ def run(model_name: str, calibration: int, seed: int, repeats: int, probes: int)
     dataset = get_dataset(get_entry(model_name).dataset, calibration_size=calibration, seed=seed)
     work, _, discovery, _ = prepare(create_model(model_name))
     settings = Settings(probes_min=probes, probes_max=probes, lanczos_iterations=4, seed=seed)
-    profiled = profile(work, discovery, dataset, settings=settings, progress=False)
+    profiled = profile(work, discovery, dataset.to_data(), settings=settings, progress=False)
     curvature = profiled.curvature
     generator = torch.Generator().manual_seed(seed)
     vectors = {n: torch.randn(curvature.shape(n), generator=generator) for n in profiled.names}

@@ -22,14 +22,16 @@ from common import RESULTS, command, save_figure
 from scipy.stats import spearmanr
 
 from allot.api import prepare
+from allot.data import Data
 from allot.discover import get_weight
 from allot.errors import ERROR_MODELS
-from allot.io import atomic_write, write_json
+from allot.files import atomic_write, write_json
 from allot.modules.base import dense_weight
 from allot.profile.engine import Profile, Settings
 from allot.profile.measure import loss_change, mean_loss
 from allot.schemes import Quant
 from allot.zoo import create_model, get_dataset, get_entry
+from allot.zoo.data import SplitBatches
 
 BITS = range(2, 9)
 MODELS = ("second-order", "trace", "diagonal", "output", "weight")
@@ -44,17 +46,16 @@ def timed(fn):
 def run(model_name: str, calibration: int, seed: int, probes: int) -> dict:
     dataset = get_dataset(get_entry(model_name).dataset, calibration_size=calibration, seed=seed)
     work, _, discovery, _ = prepare(create_model(model_name))
-    batches = list(dataset.calibration.batches(dataset.batch_size))
-    held_out = list(dataset.test.batches(dataset.batch_size))
-    loss = dataset.task.loss
+    data = dataset.to_data()
+    held_out = Data(SplitBatches(dataset.test, dataset.batch_size), data.loss)
     settings = Settings(probes_min=8, probes_max=probes, rel_tol=0.05, seed=seed)
-    profile = Profile(work, discovery.layers, batches, loss, settings=settings, progress=False)
+    profile = Profile(work, discovery.layers, data, settings=settings, progress=False)
 
     # One plain forward+backward sweep, the unit of cost (timed twice, the faster kept).
     def sweep() -> None:
         weights = list(work.parameters())
-        for inputs, targets in batches:
-            torch.autograd.grad(loss(work(inputs), targets), weights)
+        for batch in data.batches():
+            torch.autograd.grad(data.loss(data.outputs(work, batch), batch), weights)
 
     unit = min(timed(sweep)[1] for _ in range(2))
 
@@ -79,14 +80,14 @@ def run(model_name: str, calibration: int, seed: int, probes: int) -> dict:
         if name == "second-order":
             costs["exact HVP per candidate"] = seconds
 
-    reference = mean_loss(work, batches, loss)
-    reference_test = mean_loss(work, held_out, loss)
+    reference = mean_loss(work, data)
+    reference_test = mean_loss(work, held_out)
     measured, measured_test = [], []
     for layer in discovery.layers:
         for delta in deltas[layer.name]:
             change = {layer.name: delta}
-            measured.append(loss_change(work, change, batches, loss, reference))
-            measured_test.append(loss_change(work, change, held_out, loss, reference_test))
+            measured.append(loss_change(work, change, data, reference))
+            measured_test.append(loss_change(work, change, held_out, reference_test))
 
     rows = []
     for name in MODELS:

@@ -7,8 +7,8 @@ ratios 4, 8, 11 and 16 of the compressible weights, the uniform methods at 2, 3,
 the full second-order damage g.d + 1/2 d'Hd instead of 1/2 d'Hd, kept to show what the gradient
 term does. All methods share one on-disk profile cache, so curvature is computed once.
 
-The peers (`allot.peers`: AIMET on convolutional models, NNCF, HQQ, torchao, optimum-quanto and
-torch's dynamic int8 on linear-layer models) run in the same process on the same folded model and
+The peers (`bench/peers`, installed by `make peers`: AIMET on convolutional models, NNCF, HQQ,
+torchao, optimum-quanto and torch's dynamic int8 on linear-layer models) run in the same process on the same folded model and
 calibration data, each at its own settings; their stored bits are counted from the tensors they
 really hold. `--native` then runs one allot method at every distinct ratio a peer reached, so each
 peer point has an allot point of the same size beside it. A peer whose library is not installed is
@@ -32,18 +32,19 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 from common import RESULTS, code_version, command, environment, save_figure
+from peers import Peer, all_peers
+from peers.base import ratio as peer_ratio
 from torch import nn
 
 from allot import Budget, Scored, compress_scored, score
 from allot.api import prepare
-from allot.evaluate import calibration_loss, latencies, metrics
+from allot.evaluate import latencies, metrics
 from allot.exceptions import BudgetError
-from allot.io import atomic_write, write_json
+from allot.files import atomic_write, write_json
 from allot.methods import Method, get_method
 from allot.methods.cet import cet_grid
-from allot.peers import Peer, all_peers
-from allot.peers.base import ratio as peer_ratio
 from allot.profile.cache import Cache
+from allot.profile.measure import mean_loss
 from allot.zoo import Dataset, create_model, get_dataset, get_entry
 
 METHODS = (
@@ -92,14 +93,15 @@ class Bench:
         self.work, _, discovery, _ = prepare(self.model)
         self.layers = discovery.layers
         self.head = self.dataset.task.headline
+        self.data = self.dataset.to_data()
         self.timing_inputs = self.dataset.example_inputs(LATENCY_BATCH)
         self.float_row = {
             "method": "float",
             "budget": "-",
             "ratio": 1.0,
             "bits_per_weight": 32.0,
-            **metrics(self.model, self.dataset),
-            "calibration_loss": calibration_loss(self.model, self.dataset),
+            **metrics(self.model, self.data),
+            "calibration_loss": mean_loss(self.model, self.data),
         }
         self.rows: list[dict] = [self.float_row]
 
@@ -138,8 +140,8 @@ class Bench:
             "budget": budget,
             "ratio": ratio,
             "bits_per_weight": 32.0 / ratio,
-            **metrics(model, self.dataset),
-            "calibration_loss": calibration_loss(model, self.dataset),
+            **metrics(model, self.data),
+            "calibration_loss": mean_loss(model, self.data),
             "latency_ratio": compressed / base,
             **extra,
         }
@@ -263,7 +265,7 @@ def run(
             start = time.perf_counter()
             scored = score(
                 bench.model,
-                bench.dataset,
+                bench.data,
                 recipe,
                 model_name=model_name,
                 seed=seed,

@@ -18,7 +18,7 @@ from common import RESULTS, command, environment
 
 from allot import Budget, compress
 from allot.evaluate import file_bytes, latencies, macs, metrics
-from allot.io import atomic_write, write_json
+from allot.files import atomic_write, write_json
 from allot.zoo import create_model, get_dataset, get_entry
 
 GRIDS: dict[str, list[Budget]] = {
@@ -33,11 +33,12 @@ GRIDS: dict[str, list[Budget]] = {
 def run(model_name: str, methods: list[str], calibration: int, seed: int) -> dict:
     float_model = create_model(model_name)
     dataset = get_dataset(get_entry(model_name).dataset, calibration_size=calibration, seed=seed)
+    data = dataset.to_data()
     batch = dataset.example_inputs(min(64, len(dataset.test)))
     float_row = {
         "method": "float",
         "budget": "-",
-        **metrics(float_model, dataset),
+        **metrics(float_model, data),
         "ratio": 1.0,
         "file_bytes": file_bytes(float_model),
         "macs": macs(float_model, batch),
@@ -49,7 +50,7 @@ def run(model_name: str, methods: list[str], calibration: int, seed: int) -> dic
             start = time.perf_counter()
             result = compress(
                 float_model,
-                dataset,
+                data,
                 method,
                 budget,
                 model_name=model_name,
@@ -62,7 +63,7 @@ def run(model_name: str, methods: list[str], calibration: int, seed: int) -> dic
                 {
                     "method": method,
                     "budget": budget.describe(),
-                    **metrics(result.model, dataset),
+                    **metrics(result.model, data),
                     "ratio": result.plan.ratio,
                     "file_bytes": file_bytes(result.model),
                     "macs": macs(result.model, batch),

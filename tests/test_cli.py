@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -167,3 +168,112 @@ def test_analyze_writes_a_sensitivity_report_and_caches_its_profile(tmp_path, ca
     assert "0 forward+backward equivalents" in stdout  # everything came from the cache
     again = json.loads((out / "analysis.json").read_text())
     assert again["layers"] == first["layers"]
+
+
+def _tensor_data(tmp_path, name: str, count: int = 96, **tensors) -> str:
+    """A .npz data file of digits-shaped inputs and labels (overridden by `tensors`)."""
+    generator = torch.Generator().manual_seed(len(name))
+    arrays = {
+        "inputs": torch.rand(count, 1, 8, 8, generator=generator),
+        "targets": torch.randint(0, 10, (count,), generator=generator),
+        **tensors,
+    }
+    path = tmp_path / name
+    np.savez(path, **{k: v.numpy() for k, v in arrays.items()})
+    return str(path)
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "distill"])
+def test_own_model_on_own_tensor_file_with_and_without_labels(tmp_path, capsys, loss) -> None:
+    reference, weights = _user_model(tmp_path)
+    calibration = _tensor_data(tmp_path, "calibration.npz")
+    held_out = _tensor_data(tmp_path, "held_out.npz", count=50)
+    args = ["compress", "--model", reference, "--weights", weights, "--data", calibration]
+    code, _, err = _run(
+        capsys,
+        *args,
+        *("--loss", loss, "--held-out", held_out, "--method", "output-error-quant"),
+        *("--ratio", "6", "--out", str(tmp_path / "o")),
+    )
+    assert code == 0, err
+    evaluation = json.loads((tmp_path / "o" / "evaluation.json").read_text())
+    assert evaluation["float"]["loss"] >= 0 and evaluation["compressed"]["ratio"] >= 6
+    if loss == "cross-entropy":
+        assert "accuracy" in evaluation["float"]
+    else:  # distill: the float model is its own reference
+        assert evaluation["float"]["loss"] == 0.0
+    plan = json.loads((tmp_path / "o" / PLAN).read_text())
+    assert plan["metadata"]["dataset"] == "calibration.npz"
+
+
+def test_without_held_out_data_the_report_says_what_was_not_checked(tmp_path, capsys) -> None:
+    reference, weights = _user_model(tmp_path)
+    calibration = _tensor_data(tmp_path, "calibration.npz")
+    code, _, err = _run(
+        capsys,
+        *("compress", "--model", reference, "--weights", weights, "--data", calibration),
+        *(
+            "--loss",
+            "cross-entropy",
+            "--method",
+            "cet",
+            "--ratio",
+            "6",
+            "--out",
+            str(tmp_path / "o"),
+        ),
+    )
+    assert code == 0, err
+    evaluation = json.loads((tmp_path / "o" / "evaluation.json").read_text())
+    assert evaluation["compressed"]["held_out"] == "not given"
+    plan = json.loads((tmp_path / "o" / PLAN).read_text())
+    assert plan["metadata"]["prediction"]["measured_held_out"] is None
+    assert "not given" in (tmp_path / "o" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("tensors", "loss", "message"),
+    [
+        (
+            {"inputs": torch.rand(96, 3, 8, 8)},
+            "cross-entropy",
+            "cannot run on the calibration data",
+        ),
+        ({"targets": torch.randint(0, 10, (90,))}, "cross-entropy", "'targets' has 90 samples"),
+        ({"inputs": torch.full((96, 1, 8, 8), float("nan"))}, "cross-entropy", "NaN or inf"),
+        ({"targets": torch.rand(96, 10)}, "mse", None),
+        ({"inputs": torch.rand(0, 1, 8, 8), "targets": torch.zeros(0)}, "mse", "holds no samples"),
+        ({}, None, "name their loss with --loss"),
+    ],
+)
+def test_bad_data_gives_one_line_and_exit_code_2(tmp_path, capsys, tensors, loss, message) -> None:
+    reference, weights = _user_model(tmp_path)
+    data = _tensor_data(tmp_path, "bad.npz", **tensors)
+    code, _, err = _run(
+        capsys,
+        *("compress", "--model", reference, "--weights", weights, "--data", data),
+        *(("--loss", loss) if loss else ()),
+        *("--method", "uniform-quant", "--bits", "4", "--out", str(tmp_path / "o")),
+    )
+    if message is None:  # mse against 10-dim targets is a valid regression setup
+        assert code == 0, err
+        return
+    assert code == 2 and err.startswith("allot: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_a_loss_that_returns_a_vector_is_refused_before_any_work(tmp_path, capsys) -> None:
+    reference, weights = _user_model(tmp_path)
+    factory = tmp_path / "data.py"
+    factory.write_text(
+        "import torch, allot\n"
+        "def make():\n"
+        "    batches = [(torch.rand(8, 1, 8, 8), torch.zeros(8).long())]\n"
+        "    return allot.Data(batches, lambda outputs, batch: outputs.sum(1))\n"
+    )
+    code, _, err = _run(
+        capsys,
+        *("compress", "--model", reference, "--weights", weights, "--data", f"{factory}:make"),
+        *("--method", "uniform-quant", "--bits", "4", "--out", str(tmp_path / "o")),
+    )
+    assert code == 2 and "must return a scalar tensor" in err and err.count("\n") == 1

@@ -39,7 +39,9 @@ def is_file_reference(reference: str) -> bool:
 
 
 def file_factory(reference: str, error: type[AllotError] = ModelError) -> Callable[..., Any]:
-    """Import `factory` from `path/to/file.py:factory` (the user's own code runs here)."""
+    """Import `factory` from `path/to/file.py:factory` (the user's own code runs here). As when
+    Python runs a script, the file's folder goes on the import path, so it may import its
+    neighbours (a model file its data file, say)."""
     path_text, _, name = reference.rpartition(":")
     path = Path(path_text)
     if not path.is_file():
@@ -50,6 +52,9 @@ def file_factory(reference: str, error: type[AllotError] = ModelError) -> Callab
         raise error(f"cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as exc:

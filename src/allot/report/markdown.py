@@ -1,22 +1,31 @@
-"""The markdown report written next to an artifact: summary, per-layer plan, plots."""
+"""The markdown report written next to an artifact: summary, per-layer plan, plots.
+
+Plots need matplotlib, the optional `plots` extra; without it the report is written without them
+and says how to get them.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from allot.files import atomic_write, write_json
 from allot.plan import Plan
-from allot.report.plots import (
-    allocation_plot,
-    curvature_plot,
-    damage_plot,
-    pareto_plot,
-    sensitivity_plot,
-)
 from allot.sensitivity import Sensitivity
 
 REPORT = "report.md"
+NO_PLOTS = "Plots need matplotlib: pip install 'allot[plots]'."
+
+
+def _plots() -> ModuleType | None:
+    """`allot.report.plots`, or None when matplotlib is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    from allot.report import plots
+
+    return plots
 
 
 def _fmt(value: Any) -> str:
@@ -53,6 +62,13 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
         ["model", *keys],
         [[label, *(m.get(k, "") for k in keys)] for label, m in evaluation.items()],
     )
+    if any(m.get("held_out") == "not given" for m in evaluation.values()):
+        lines += [
+            "",
+            "No held-out data was given, so held-out metrics were not measured and predictions "
+            "are checked on the calibration data only; pass held-out data (`--held-out`, or "
+            "`Data(evaluate=...)`) to measure them.",
+        ]
     lines += ["", "## Per-layer plan", ""]
     lines += _table(
         ["layer", "kind", "weight shape", "scheme", "bits/weight", "cost (bits)", "damage"],
@@ -78,18 +94,20 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
         lines += [f"- `{name}`: {reason}" for name, reason in plan.skipped.items()]
     for note in plan.metadata.get("notes", []):
         lines += ["", f"Note: {note}"]
-    lines += [
-        "",
-        "## Plots",
-        "",
-        f"![allocation]({allocation_plot(plan, directory / 'allocation.png').name})",
-    ]
-    damage = damage_plot(plan, directory / "damage.png")
-    if damage is not None:
-        lines += ["", f"![damage]({damage.name})"]
-    pareto = pareto_plot(plan, directory / "pareto.png")
-    if pareto is not None:
-        lines += ["", f"![pareto]({pareto.name})"]
+    lines += ["", "## Plots", ""]
+    plots = _plots()
+    if plots is None:
+        lines += [NO_PLOTS]
+    else:
+        lines += [
+            f"![allocation]({plots.allocation_plot(plan, directory / 'allocation.png').name})"
+        ]
+        damage = plots.damage_plot(plan, directory / "damage.png")
+        if damage is not None:
+            lines += ["", f"![damage]({damage.name})"]
+        pareto = plots.pareto_plot(plan, directory / "pareto.png")
+        if pareto is not None:
+            lines += ["", f"![pareto]({pareto.name})"]
     path = directory / REPORT
     atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
@@ -154,8 +172,10 @@ def write_sensitivity(sensitivity: Sensitivity, title: str, directory: Path) -> 
     """Write `analysis.md`, `analysis.json` and the sensitivity plots into `directory`."""
     directory = Path(directory)
     write_json(directory / "analysis.json", {"title": title, **sensitivity.to_json()})
-    curvature_plot(sensitivity, directory / "curvature.png")
-    sensitivity_plot(sensitivity, directory / "sensitivity.png")
+    plots = _plots()
+    if plots is not None:
+        plots.curvature_plot(sensitivity, directory / "curvature.png")
+        plots.sensitivity_plot(sensitivity, directory / "sensitivity.png")
     labels = list(dict.fromkeys(k for row in sensitivity.layers for k in row.candidates))
     lines = [
         f"# allot analysis: {title}",
@@ -194,9 +214,11 @@ def write_sensitivity(sensitivity: Sensitivity, title: str, directory: Path) -> 
             ],
         ),
         "",
-        "![curvature](curvature.png)",
-        "",
-        "![sensitivity](sensitivity.png)",
+        *(
+            ["![curvature](curvature.png)", "", "![sensitivity](sensitivity.png)"]
+            if plots is not None
+            else [NO_PLOTS]
+        ),
         "",
     ]
     path = directory / "analysis.md"

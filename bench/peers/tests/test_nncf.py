@@ -3,13 +3,14 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from peers.base import PeerRun, Setting
+from peers.nncf import PEERS, _samples
 from torch import Tensor, nn
 
+from allot.data import forward
 from allot.discover import discover
 from allot.exceptions import ConfigError
-from allot.peers.base import PeerRun, Setting
-from allot.peers.nncf import PEERS, _samples
-from allot.zoo.data import Dataset, Split, forward
+from allot.zoo.data import Dataset, Split
 
 nncf = pytest.importorskip("nncf", reason="nncf is not installed: pip install -e '.[peers]'")
 

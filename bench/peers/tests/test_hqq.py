@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peers.base import Setting, packed_bits, tensor_bits
+from peers.hqq import PEERS, CastLinear
 from torch import nn
 
 from allot.discover import discover
 from allot.exceptions import ConfigError
-from allot.peers.base import Setting, packed_bits, tensor_bits
-from allot.peers.hqq import PEERS, CastLinear
 
 PEER = PEERS[0]
 if (REASON := PEER.unavailable()) is not None:

@@ -1,12 +1,12 @@
 import pytest
 import torch
+from peers.base import Setting, ratio
+from peers.dynamic import PEERS
 from torch import nn
 
 from allot.data import forward
 from allot.discover import discover
 from allot.exceptions import ConfigError
-from allot.peers.base import Setting, ratio
-from allot.peers.dynamic import PEERS
 from allot.zoo import create_model
 
 dynamic = pytest.importorskip(

@@ -38,10 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from allot.data import Inputs, forward
 from allot.discover import Layer
 from allot.exceptions import ConfigError, DataError
-from allot.peers.base import Peer, PeerRun, Setting, packed_bits, tensor_bits
-from allot.zoo.data import Dataset, Inputs, forward
+from allot.zoo.data import Dataset
+from peers.base import Peer, PeerRun, Setting, packed_bits, tensor_bits
 
 DISTRIBUTION = "aimet-torch"
 BITS = (2, 3, 4, 8)

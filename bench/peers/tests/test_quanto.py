@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peers.base import Setting, packed_bits, tensor_bits
+from peers.quanto import PEERS
 from torch import nn
 
 from allot.discover import discover
 from allot.exceptions import ConfigError
-from allot.peers.base import Setting, packed_bits, tensor_bits
-from allot.peers.quanto import PEERS
 
 PEER = PEERS[0]
 if (REASON := PEER.unavailable()) is not None:

@@ -22,7 +22,8 @@ from torch import nn
 
 from allot.discover import Layer
 from allot.exceptions import ConfigError
-from allot.peers.base import (
+from allot.zoo.data import Dataset
+from peers.base import (
     Peer,
     PeerRun,
     Setting,
@@ -31,7 +32,6 @@ from allot.peers.base import (
     packed_bits,
     tensor_bits,
 )
-from allot.zoo.data import Dataset
 
 BITS = (4, 3, 2)
 GROUP_SIZE = 64

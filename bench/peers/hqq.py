@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from allot.discover import Layer
 from allot.exceptions import ConfigError
-from allot.peers.base import Peer, PeerRun, Setting, linear_layers, option, tensor_bits
 from allot.zoo.data import Dataset
+from peers.base import Peer, PeerRun, Setting, linear_layers, option, tensor_bits
 
 BITS = (4, 3, 2)
 GROUP_SIZES = (64, 128)

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from allot.discover import Layer
 from allot.exceptions import ConfigError
-from allot.peers.base import Peer, PeerRun, Setting, tensor_bits
 from allot.zoo.data import Dataset
+from peers.base import Peer, PeerRun, Setting, tensor_bits
 
 # A per-tensor quantized tensor's quantizer (`PerTensorAffineQuantizer`) holds its scale as a double
 # and its zero point as an int64; `q_scale()` and `q_zero_point()` return them as Python numbers.

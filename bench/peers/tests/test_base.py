@@ -1,11 +1,11 @@
 import pytest
 import torch
+from peers import ADAPTERS, all_peers, get_peer
+from peers.base import Peer, PeerRun, Setting, packed_bits, ratio, tensor_bits
 from torch import nn
 
 from allot.api import prepare
 from allot.exceptions import ConfigError
-from allot.peers import ADAPTERS, all_peers, get_peer
-from allot.peers.base import Peer, PeerRun, Setting, packed_bits, ratio, tensor_bits
 from allot.zoo import create_model
 
 

@@ -20,8 +20,8 @@ import copy
 from torch import Tensor, nn
 
 from allot.discover import Layer
-from allot.peers.base import Peer, PeerRun, Setting, linear_layers, option, tensor_bits
 from allot.zoo.data import Dataset
+from peers.base import Peer, PeerRun, Setting, linear_layers, option, tensor_bits
 
 WEIGHTS = ("qint8", "qint4", "qint2")
 

@@ -31,10 +31,11 @@ from typing import Any
 
 from torch import nn
 
+from allot.data import Inputs, token_mask
 from allot.discover import Layer
 from allot.exceptions import ConfigError
-from allot.peers.base import Peer, PeerRun, Setting, tensor_bits
-from allot.zoo.data import Dataset, Inputs, Split, token_mask
+from allot.zoo.data import Dataset, Split
+from peers.base import Peer, PeerRun, Setting, tensor_bits
 
 GROUP_SIZE = 64
 RATIOS = (1.0, 0.8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from allot.exceptions import ConfigError
-from allot.peers.base import Peer, PeerRun, Setting, packed_bits, ratio, tensor_bits
+from peers.base import Peer, PeerRun, Setting, packed_bits, ratio, tensor_bits
 
 ADAPTERS: tuple[str, ...] = ("aimet", "nncf", "hqq", "torchao", "quanto", "dynamic")
 
@@ -19,7 +19,7 @@ def all_peers() -> dict[str, Peer]:
     """Every peer of every adapter module, by name."""
     peers: dict[str, Peer] = {}
     for module in ADAPTERS:
-        for peer in importlib.import_module(f"allot.peers.{module}").PEERS:
+        for peer in importlib.import_module(f"peers.{module}").PEERS:
             peers[peer.name] = peer
     return peers
 

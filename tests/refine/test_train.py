@@ -1,0 +1,77 @@
+"""The shared training loop of refinements."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allot.data import Data, supervised
+from allot.exceptions import ConfigError, DataError
+from allot.profile.measure import mean_loss
+from allot.refine.train import TrainSettings, train
+
+
+def _data() -> Data:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=generator)
+    y = (x[:, 0] > 0).long()
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    return Data(batches, supervised(F.cross_entropy), train=batches)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_training_lowers_the_loss_and_leaves_eval_mode(optimizer) -> None:
+    data, model = _data(), _model()
+    before = mean_loss(model, data)
+    history = train(
+        model, data, TrainSettings(epochs=5, lr=0.05, optimizer=optimizer), progress=False
+    )
+    assert len(history) == 5 and history[-1] < history[0]
+    assert mean_loss(model, data) < before
+    assert not model.training
+
+
+def test_same_seed_same_weights_and_an_extra_term_is_minimised_too() -> None:
+    data = _data()
+    runs = []
+    for _ in range(2):
+        model = _model()
+        train(model, data, TrainSettings(epochs=2, lr=0.01), progress=False)
+        runs.append(model[0].weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+    model = _model()
+    train(
+        model,
+        data,
+        TrainSettings(epochs=3, lr=0.05),
+        extra_loss=lambda: 10 * model[0].weight.pow(2).sum(),
+        progress=False,
+    )
+    assert model[0].weight.abs().max() < runs[0].abs().max()
+
+
+def test_training_needs_training_batches_and_valid_settings() -> None:
+    data = Data(_data().calibration, supervised(F.cross_entropy))
+    with pytest.raises(DataError, match="no training batches"):
+        train(_model(), data, TrainSettings(), progress=False)
+    for bad in ({"lr": 0}, {"epochs": -1}, {"optimizer": "lamb"}, {"schedule": "step"}):
+        with pytest.raises(ConfigError):
+            TrainSettings(**bad)
+
+
+def test_a_diverging_run_stops_with_a_clear_error() -> None:
+    with pytest.raises(DataError, match="lower the learning rate"):
+        train(
+            _model(),
+            _data(),
+            TrainSettings(epochs=3, lr=1e30, optimizer="sgd", schedule="constant"),
+            extra_loss=lambda: torch.tensor(float("inf")),
+            progress=False,
+        )

@@ -54,6 +54,8 @@ def test_each_model_is_its_formula(profile) -> None:
         d2 = fold_weight_2d(d)
         expected = {
             "weight": float(d.pow(2).sum()),
+            "weight-relative": float(d.pow(2).sum())
+            / float(profile.model.get_submodule(layer).weight.pow(2).sum()),
             "output": float(((d2 @ stats.input_cov) * d2).sum() / stats.samples),
             "trace": float(g.mul(d).sum())
             + 0.5 * estimate.trace / d.numel() * float(d.pow(2).sum()),

@@ -5,6 +5,8 @@ weight-shaped) and the model's `Profile`, and returns one damage per perturbatio
 all together lets curvature models share passes over the data. Units differ between models, so
 damages are only comparable within one model:
 - `weight`: |d|^2, squared weight error.
+- `weight-relative`: |d|^2 / |W|^2, the share of the layer's weight energy the change removes (for a
+  truncated SVD: the discarded share of the squared singular values; SVD-Energy equalises it).
 - `output`: mean over calibration input patches x of |dW x|^2 = tr(dW C dW') / n with
   C = sum x x' (the layer's input second moment): the squared output error the layer adds.
 - `second-order`: g.d + 1/2 d'H_ii d, the calibration-loss change to second order, with one exact
@@ -65,6 +67,13 @@ def _weight_error(delta: Tensor, _layer: LayerProfile) -> float:
     return float(delta.double().pow(2).sum())
 
 
+def _relative_weight_error(delta: Tensor, layer: LayerProfile) -> float:
+    energy = float(layer.weight().double().pow(2).sum())
+    if energy == 0:
+        raise ConfigError(f"layer {layer.name!r} has an all-zero weight: no relative error")
+    return _weight_error(delta, layer) / energy
+
+
 def _output_error(delta: Tensor, layer: LayerProfile) -> float:
     stats = layer.inputs()
     if stats.input_cov is None or stats.samples == 0:
@@ -113,6 +122,11 @@ def register_error_model(model: ErrorModel) -> ErrorModel:
 
 for _model in (
     ErrorModel("weight", per_perturbation(_weight_error), "squared weight error |dW|_F^2"),
+    ErrorModel(
+        "weight-relative",
+        per_perturbation(_relative_weight_error),
+        "share of the weight's energy removed |dW|_F^2 / |W|_F^2",
+    ),
     ErrorModel("output", per_perturbation(_output_error), "mean squared output error |dW x|^2"),
     ErrorModel(
         "second-order",

@@ -9,8 +9,9 @@ the same three operations, so callers never branch on which one a method uses:
   lossless search walks through).
 
 Registered allocators: ``"knapsack"`` (exact multiple-choice knapsack both ways, with the convex
-Pareto sweep as its sequence), ``"greedy"`` (points of the convex Pareto sweep) and ``"uniform"``
-(the same grid index in every layer). New ones register with `register_allocator`.
+Pareto sweep as its sequence), ``"greedy"`` (points of the convex Pareto sweep), ``"uniform"``
+(the same grid index in every layer) and ``"minmax"`` (the least largest per-layer damage: one
+damage threshold for all layers, found exactly). New ones register with `register_allocator`.
 """
 
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from allot.allocate.greedy import greedy, greedy_within_damage, lagrangian, lower_hull, pareto_sweep
 from allot.allocate.knapsack import minimize_cost, minimize_damage
+from allot.allocate.minmax import minmax, minmax_within_damage, threshold_sequence
 from allot.allocate.table import Options, nondominated
 from allot.allocate.uniform import uniform, uniform_sequence, uniform_within_damage
 from allot.registry import Registry
@@ -78,6 +80,16 @@ register_allocator(
     )
 )
 
+register_allocator(
+    Allocator(
+        "minmax",
+        minmax,
+        minmax_within_damage,
+        threshold_sequence,
+        "one damage threshold for every layer: the least largest per-layer damage",
+    )
+)
+
 __all__ = [
     "ALLOCATORS",
     "Allocator",
@@ -90,9 +102,12 @@ __all__ = [
     "lower_hull",
     "minimize_cost",
     "minimize_damage",
+    "minmax",
+    "minmax_within_damage",
     "nondominated",
     "pareto_sweep",
     "register_allocator",
+    "threshold_sequence",
     "uniform",
     "uniform_sequence",
     "uniform_within_damage",

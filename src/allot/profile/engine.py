@@ -276,6 +276,10 @@ class LayerProfile:
     profile: Profile
     name: str
 
+    def weight(self) -> Tensor:
+        """The layer's (BatchNorm-folded) float weight, as profiled, detached."""
+        return self.profile.model.get_submodule(self.name).weight.detach()
+
     def inputs(self) -> LayerStats:
         return self.profile.inputs(self.name)
 

@@ -8,12 +8,13 @@ under a budget, then really compress it. Public surface:
   several budgets: the candidates are fitted and scored once
 - `Data`: the data contract (calibration batches, a loss, optionally held-out evaluation)
 - `Policy`: keep layers in float or pin their scheme, by name pattern
+- `Refinement`: which refinement follows the plan (error feedback, fine-tuning), with its settings
 - `apply(model, plan)`: rewrite a float model according to a (possibly hand-edited) plan
 - `save(model, plan, directory)` / `load(directory, model_factory)`: artifacts
 - `Budget`, `Plan`, and the registries of schemes, methods, error models and allocators
 """
 
-from allot.api import Result, Scored, compress, compress_scored, score
+from allot.api import Refinement, Result, Scored, compress, compress_scored, score
 from allot.apply import apply
 from allot.budget import Budget
 from allot.data import Data, Distill, supervised
@@ -30,6 +31,7 @@ __all__ = [
     "LayerPlan",
     "Plan",
     "Policy",
+    "Refinement",
     "Result",
     "Scored",
     "apply",

@@ -9,9 +9,10 @@ the benchmark zoo.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.metadata
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -158,6 +159,7 @@ def compress(
     budget: Budget,
     *,
     policy: Policy | None = None,
+    refinement: Refinement | None = None,
     model_name: str = "custom",
     seed: int = 0,
     cache: Cache | None = None,
@@ -166,8 +168,9 @@ def compress(
     """Compress `model` with `method` under `budget`, using `data`'s calibration batches.
 
     The input model is not modified. Same model, data, method, budget and seed give the same plan.
-    `policy` keeps layers in float or pins their scheme; `cache` keeps profile statistics on disk
-    between runs (none by default).
+    `policy` keeps layers in float or pins their scheme; `refinement` replaces the method's
+    refinement (`Refinement.of(method, "finetune", epochs=2)`); `cache` keeps profile statistics
+    on disk between runs (none by default).
     """
     scored = score(
         model,
@@ -179,12 +182,13 @@ def compress(
         cache=cache,
         progress=progress,
     )
-    return compress_scored(scored, budget)
+    return compress_scored(scored, budget, refinement)
 
 
-def compress_scored(scored: Scored, budget: Budget) -> Result:
-    """Choose the plan for `budget` among scored candidates, apply it to a copy of the model, and
-    check its predictions (for methods with a curvature error model)."""
+def compress_scored(scored: Scored, budget: Budget, refinement: Refinement | None = None) -> Result:
+    """Choose the plan for `budget` among scored candidates, apply it to a copy of the model,
+    refine it (the method's refinement, or `refinement`), and check its predictions (for methods
+    with a curvature error model)."""
     method, table, work, data = scored.method, scored.table, scored.work, scored.data
     allocator = get_allocator(method.allocator)
     layers = scored.discovery.layers
@@ -217,7 +221,7 @@ def compress_scored(scored: Scored, budget: Budget) -> Result:
     n_weights = sum(layer.spec.numel for layer in layers)
     if budget.kind == "lossless":
         reference = mean_loss(work, data)
-        choice, plan = _lossless(scored, allocator, reference, options, make_plan)
+        choice, plan = _lossless(scored, allocator, reference, options, make_plan, refinement)
     elif budget.kind == "damage":
         choice = allocator.within_damage(options, float(budget.value))
         plan = make_plan(choice)
@@ -237,7 +241,7 @@ def compress_scored(scored: Scored, budget: Budget) -> Result:
             )
         choice = allocator.within_cost(options, limit)
         plan = make_plan(choice)
-    compressed = _build(scored, plan, choice)
+    compressed = _build(scored, plan, choice, refinement)
     plan.metadata["pareto"] = _pareto(options, n_weights)
     if get_error_model(method.error_model).curvature:
         deltas = plan_deltas(work, compressed, plan)
@@ -247,17 +251,37 @@ def compress_scored(scored: Scored, budget: Budget) -> Result:
     return Result(compressed, plan, table, scored.profile)
 
 
-def _build(scored: Scored, plan: Plan, choice: list[int]) -> nn.Module:
+@dataclass(frozen=True)
+class Refinement:
+    """Which refinement runs after a plan is applied, with which settings (plain values for the
+    refiner's settings dataclass). `None` as a name means none."""
+
+    name: str | None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, method: Method, name: str | None = None, **settings: Any) -> Refinement:
+        """The method's refinement, or `name`'s when given (the method's settings apply only to
+        its own refiner), with `settings` overriding."""
+        if name is None or name == method.refine:
+            return cls(method.refine, {**method.refine_settings, **settings})
+        return cls(name, settings)
+
+
+def _build(
+    scored: Scored, plan: Plan, choice: list[int], refinement: Refinement | None = None
+) -> nn.Module:
     """The plan applied to a copy of the model with the candidates scoring fitted, then refined
-    as the method says (recorded in the plan's metadata)."""
+    (the method's refinement unless another is given; recorded in the plan's metadata)."""
     compressed = apply(
         copy.deepcopy(scored.model), plan, scored.profile, scored.table.fitted(choice)
     )
-    if scored.method.refine is not None:
-        get_refiner(scored.method.refine)(
-            scored.work, compressed, plan, scored.data, scored.progress
-        )
-        plan.metadata["refine"] = scored.method.refine
+    refinement = refinement or Refinement.of(scored.method)
+    if refinement.name is not None:
+        refiner = get_refiner(refinement.name)
+        settings = refiner.configure(refinement.settings)
+        refiner.run(scored.work, compressed, plan, scored.data, settings, scored.progress)
+        plan.metadata["refine"] = {"name": refiner.name, "settings": dataclasses.asdict(settings)}
     return compressed
 
 
@@ -277,6 +301,7 @@ def _lossless(
     reference: float,
     options: Options,
     make_plan: Callable[[list[int]], Plan],
+    refinement: Refinement | None,
 ) -> tuple[list[int], Plan]:
     """The choice and plan of the cheapest plan on the allocator's sequence whose measured
     calibration loss is not above `reference`, the float (BatchNorm-folded) model's.
@@ -291,7 +316,7 @@ def _lossless(
         sequence = [start, *(c for c in sequence if options.total(c)[0] > floor)]
     for choice in progress_bar(sequence, "lossless search", scored.progress):
         plan = make_plan(choice)
-        compressed = _build(scored, plan, choice)
+        compressed = _build(scored, plan, choice, refinement)
         if mean_loss(compressed, scored.data) <= reference:
             plan.metadata["lossless"] = {"float_calibration_loss": reference}
             return choice, plan

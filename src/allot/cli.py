@@ -24,11 +24,12 @@ from allot.evaluate import file_bytes, latencies, macs, metrics, parameter_count
 from allot.exceptions import AllotError, ArtifactError, DataError
 from allot.files import read_json, write_json
 from allot.io import WEIGHTS, load, read_plan, save
-from allot.methods import METHODS
+from allot.methods import METHODS, get_method
 from allot.plan import Plan
 from allot.policy import Policy
 from allot.profile.cache import Cache, default_directory
 from allot.profile.measure import mean_loss
+from allot.refine import REFINERS
 from allot.report.markdown import write_report
 from allot.source import (
     LOSSES,
@@ -135,6 +136,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         raise AllotError("give either a zoo model name or --model FILE.py:FACTORY, not both")
     budget = _budget(args)
     policy = Policy.parse(args.keep or (), args.pin or ())
+    refinement = _refinement(args)
     model = float_model(ref, args.weights)
     data = _data(args, ref, model, args.data)
     float_bytes = file_bytes(model)
@@ -144,6 +146,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         args.method,
         budget,
         policy=policy,
+        refinement=refinement,
         model_name=ref,
         seed=args.seed,
         cache=_cache(args),
@@ -166,6 +169,18 @@ def cmd_compress(args: argparse.Namespace) -> None:
         f"{ref} ({result.plan.method}, {budget.describe()})", evaluation["compressed"]
     )
     console.print(f"artifact: {out} ({artifact_bytes:,} bytes); report: {report}")
+
+
+def _refinement(args: argparse.Namespace) -> api.Refinement | None:
+    """The refinement `--refine`, `--refine-epochs` and `--refine-lr` ask for (None: the method's)."""
+    settings = {
+        key: value
+        for key, value in (("epochs", args.refine_epochs), ("lr", args.refine_lr))
+        if value is not None
+    }
+    if args.refine is None and not settings:
+        return None
+    return api.Refinement.of(get_method(args.method), args.refine, **settings)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -219,7 +234,6 @@ def _zoo_dataset(plan: Plan) -> str | None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from allot.errors import get_error_model
-    from allot.methods import get_method
     from allot.profile.engine import Settings
     from allot.report.markdown import write_sensitivity
     from allot.sensitivity import analyze
@@ -327,6 +341,7 @@ def cmd_zoo(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     args.model, args.model_file, args.weights, args.data = "mnist-resnet20", None, None, None
     args.loss, args.held_out, args.keep, args.pin = None, None, None, None
+    args.refine, args.refine_epochs, args.refine_lr = None, None, None
     args.method, args.lossless, args.ratio, args.avg_bits, args.bytes = (
         "uniform-quant",
         False,
@@ -392,6 +407,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", dest="model_file", metavar="FILE.py:FACTORY", help="your own model")
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument("--out", required=True, help="artifact directory")
+    p.add_argument(
+        "--refine",
+        choices=sorted(REFINERS),
+        help="refinement after the plan is applied (default: the method's own, if any)",
+    )
+    p.add_argument("--refine-epochs", type=int, help="epochs of a refinement that trains")
+    p.add_argument("--refine-lr", type=float, help="learning rate of a refinement that trains")
     p.add_argument(
         "--keep",
         action="append",

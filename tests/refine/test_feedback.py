@@ -43,7 +43,7 @@ def test_feedback_lowers_the_loss_of_a_steered_plan_and_stores_the_same(digits) 
         return compress(model, digits, method, Budget("bits", 2), progress=False)
 
     steered, refined = run("uniform-steered"), run("uniform-feedback")
-    assert refined.plan.metadata["refine"] == "feedback"
+    assert refined.plan.metadata["refine"] == {"name": "feedback", "settings": {}}
     assert "refine" not in steered.plan.metadata
     assert refined.plan.weight_bits == steered.plan.weight_bits
     assert refined_layers(refined.plan) == [layer.name for layer in refined.plan.layers]

@@ -7,10 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allot import Budget, Refinement, compress
 from allot.data import Data, supervised
 from allot.exceptions import ConfigError, DataError
+from allot.methods import get_method
 from allot.profile.measure import mean_loss
+from allot.refine import get_refiner
 from allot.refine.train import TrainSettings, train
+from allot.zoo import create_model
 
 
 def _data() -> Data:
@@ -75,3 +79,26 @@ def test_a_diverging_run_stops_with_a_clear_error() -> None:
             extra_loss=lambda: torch.tensor(float("inf")),
             progress=False,
         )
+
+
+def test_fine_tuning_after_a_low_rank_plan_lowers_the_loss_and_keeps_the_storage(digits) -> None:
+    model = create_model("test-mlp")
+    plain = compress(model, digits, "uniform-rank", Budget("ratio", 2), progress=False)
+    tuned = compress(
+        model,
+        digits,
+        "uniform-rank",
+        Budget("ratio", 2),
+        refinement=Refinement.of(get_method("uniform-rank"), "finetune", epochs=2, lr=1e-3),
+        progress=False,
+    )
+    assert tuned.plan.weight_bits == plain.plan.weight_bits
+    assert tuned.plan.metadata["refine"]["settings"]["epochs"] == 2
+    assert mean_loss(tuned.model, digits) < mean_loss(plain.model, digits)
+
+
+def test_unknown_refinement_settings_are_named() -> None:
+    with pytest.raises(ConfigError, match="has no setting 'epoch'"):
+        get_refiner("finetune").configure({"epoch": 3})
+    with pytest.raises(ConfigError, match=r"no setting 'epochs'.*none"):
+        get_refiner("feedback").configure({"epochs": 3})

@@ -3,7 +3,8 @@ which error model predicts their damage, and which allocator chooses among them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from allot.registry import Registry
 from allot.schemes import Grid
@@ -16,7 +17,7 @@ class Method:
     """A named recipe. `grid(layer)` lists the schemes a layer may take (it sees the layer's name
     and geometry); `allocator` is a key of `allot.allocate.ALLOCATORS`; `error_model` a key of
     `allot.errors.ERROR_MODELS`; `refine`, if set, a key of `allot.refine.REFINERS` run on the
-    applied plan."""
+    applied plan with `refine_settings` (plain values for the refiner's settings dataclass)."""
 
     name: str
     description: str
@@ -24,6 +25,7 @@ class Method:
     error_model: str = "output"
     allocator: str = "knapsack"
     refine: str | None = None
+    refine_settings: dict[str, Any] = field(default_factory=dict)
 
 
 def register_method(method: Method) -> Method:

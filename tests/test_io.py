@@ -106,3 +106,27 @@ def test_resnet20_4_bit_artifact_is_at_most_a_seventh_of_float(tmp_path) -> None
     reloaded, _plan = load(directory)
     x = dataset.example_inputs(8)
     assert torch.equal(reloaded(x), result.model(x))
+
+
+def test_saving_over_an_artifact_replaces_it_whole(artifact, tmp_path) -> None:
+    """A new artifact never sits beside the old one's evaluation or report: those were made for
+    the old plan, so they go with it."""
+    import shutil
+
+    result, directory = artifact
+    target = tmp_path / "art"
+    shutil.copytree(directory, target)
+    (target / "evaluation.json").write_text('{"compressed": {"ratio": 99.0}}')
+    (target / "report.md").write_text("old report")
+    save(result.model, result.plan, target)
+    assert sorted(p.name for p in target.iterdir()) == [WEIGHTS, PLAN]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    load(target)
+
+
+def test_saving_where_the_users_files_are_is_refused(artifact, tmp_path) -> None:
+    result, _ = artifact
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="holds files allot does not write"):
+        save(result.model, result.plan, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from allot.data import Data, Distill, as_data, loader_evaluation, supervised
 from allot.exceptions import AllotError, ArtifactError, DataError, ModelError
+from allot.state import matched_state
 
 LOSSES = ("cross-entropy", "mse", "distill")
 """Losses a tensor file or a factory returning plain batches can be paired with."""
@@ -79,32 +80,18 @@ def build(factory: Callable[[], nn.Module], reference: str) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a safetensors state dict into `model`; `ModelError` naming what does not match."""
+    """Load a safetensors state dict into `model` (tied tensors may be stored once, as
+    `safetensors.torch.save_model` writes them); `ModelError` naming what does not match."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"weights file {path} does not exist")
+        raise ModelError(f"weights file {path} does not exist or is not a regular file")
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"{path} is not a readable safetensors file: {exc}") from exc
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}")
-        if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes[:3]))
-        raise ModelError(f"weights in {path} do not match the model: {'; '.join(parts)}")
-    model.load_state_dict(state)
+    model.load_state_dict(
+        matched_state(model, state, f"the weights in {path}", ModelError, exact_dtypes=False)
+    )
     return model.eval()
 
 

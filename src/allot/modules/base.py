@@ -69,6 +69,15 @@ class CompressedLayer(nn.Module, abc.ABC):
         """The dense float32 weight of shape `spec.weight_shape` that this layer stands for."""
         ...
 
+    def check_state(self) -> None:
+        """`ConfigError` naming the tensor when the stored state is not one this layer can hold:
+        called on every compressed layer of a loaded artifact (untrusted input) once its tensors
+        are in. By default every float tensor must be finite; subclasses add their own ranges
+        (dtypes and shapes are checked against `empty` before loading)."""
+        for name, tensor in self.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ConfigError(f"{name} holds NaN or infinite values")
+
     def forward(self, x: Tensor) -> Tensor:
         return self.spec.forward(x, self.reconstruct(), self.bias)
 

@@ -35,6 +35,15 @@ class SumLayer(CompressedLayer):
             raise ConfigError(f"a sum needs at least two parts, got {len(parts)}")
         self.parts = nn.ModuleList(parts)
 
+    def check_state(self) -> None:
+        """Every part's own checks (and the bias's finiteness)."""
+        super().check_state()
+        for i, part in enumerate(self.parts):
+            try:
+                part.check_state()
+            except ConfigError as exc:
+                raise ConfigError(f"parts.{i}.{exc}") from exc
+
     def weight_parameter_count(self) -> int:
         return sum(part.weight_parameter_count() for part in self.parts)
 

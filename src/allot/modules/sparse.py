@@ -61,6 +61,17 @@ class SparseLayer(CompressedLayer):
         """The kept flat positions, int64, increasing."""
         return unpack(self.indices, self.index_bits, self.count)
 
+    def check_state(self) -> None:
+        """Besides finite values: positions strictly increasing and within the weight."""
+        super().check_state()
+        positions = self.positions()
+        if positions.numel() and (
+            int(positions[-1]) >= self.spec.numel or bool((positions[1:] <= positions[:-1]).any())
+        ):
+            raise ConfigError(
+                f"indices must be strictly increasing positions within [0, {self.spec.numel})"
+            )
+
     def weight_parameter_count(self) -> int:
         return self.count
 

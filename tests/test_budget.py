@@ -14,6 +14,10 @@ from allot.exceptions import BudgetError
         ("lossless", 2, "no value"),
         ("size", 1, "unknown budget"),
         ("bytes", "many", "positive"),
+        ("ratio", float("inf"), "finite"),
+        ("bytes", float("nan"), "finite"),
+        ("ratio", True, "positive finite number, got True"),
+        ("damage", float("nan"), "finite"),
     ],
 )
 def test_invalid_budgets_are_refused(kind: str, value, message: str) -> None:

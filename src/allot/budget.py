@@ -31,17 +31,23 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise BudgetError(f"unknown budget kind {self.kind!r}; use one of {', '.join(KINDS)}")
+            raise BudgetError(
+                f"unknown budget kind {self.kind!r:.40}; use one of {', '.join(KINDS)}"
+            )
         if self.kind == "lossless":
             if self.value is not None:
                 raise BudgetError("a lossless budget takes no value")
             return
+        number = isinstance(self.value, (int, float)) and not isinstance(self.value, bool)
+        finite = number and math.isfinite(self.value)
         if self.kind == "damage":
-            if not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
-                raise BudgetError(f"a damage limit must be a finite number, got {self.value!r}")
+            if not finite:
+                raise BudgetError(f"a damage limit must be a finite number, got {self.value!r:.40}")
             return
-        if not isinstance(self.value, (int, float)) or not self.value > 0:
-            raise BudgetError(f"budget {self.kind} must be a positive number, got {self.value!r}")
+        if not finite or not self.value > 0:
+            raise BudgetError(
+                f"budget {self.kind} must be a positive finite number, got {self.value!r:.40}"
+            )
         if self.kind == "ratio" and self.value < 1:
             raise BudgetError(f"a compression ratio must be >= 1, got {self.value}")
         if self.kind in ("avg_bits", "bits") and self.value > 32:
@@ -70,7 +76,7 @@ class Budget:
     @classmethod
     def from_json(cls, data: Any) -> Budget:
         if not isinstance(data, dict) or set(data) != {"kind", "value"}:
-            raise BudgetError(f"budget must be an object with 'kind' and 'value', got {data!r}")
+            raise BudgetError(f"budget must be an object with 'kind' and 'value', got {data!r:.80}")
         return cls(data["kind"], data["value"])
 
 

@@ -6,6 +6,7 @@ from the actual perturbation dW = W_hat - W, and its cost is the scheme's exact 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from allot.allocate import Options
 from allot.discover import Layer, get_weight
 from allot.errors import ErrorModel
-from allot.exceptions import AllotError, ConfigError
+from allot.exceptions import AllotError, ConfigError, ModelError
 from allot.modules.base import dense_weight
 from allot.profile.engine import Profile
 from allot.progress import progress_bar
@@ -88,6 +89,8 @@ def score_candidates(
             ]
             deltas[layer.name] = [dense_weight(m) - weight for m in modules[layer.name]]
     damages = error_model.damages(deltas, profile)
+    for layer, row in zip(layers, schemes, strict=True):
+        _check_finite(model, layer, row, damages[layer.name])
     rows = [
         [
             Candidate(scheme, scheme.storage_bits(layer.spec), damage, module)
@@ -98,6 +101,27 @@ def score_candidates(
         for layer, row in zip(layers, schemes, strict=True)
     ]
     return CandidateTable(layers, rows, error_model.name)
+
+
+def _check_finite(
+    model: nn.Module, layer: Layer, schemes: list[Scheme], damages: list[float]
+) -> None:
+    """`ModelError` naming the layer and candidates whose predicted damage is NaN or infinite
+    (weights or inputs so large that float32 arithmetic overflows, say), instead of an
+    allocator's error about a vector of NaNs."""
+    bad = list(
+        dict.fromkeys(
+            s.label() for s, d in zip(schemes, damages, strict=True) if not math.isfinite(d)
+        )
+    )
+    if bad:
+        weight, _ = get_weight(model, layer.name)
+        raise ModelError(
+            f"layer {layer.name}: candidates {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} "
+            "have a NaN or infinite predicted damage: its weights (largest |w| "
+            f"{float(weight.abs().max()):.3g}) or its inputs are so large that float32 overflows "
+            f"(past 3.4e38); check the weights, or keep the layer in float (--keep '{layer.name}')"
+        )
 
 
 def _grid_of(grid: Grid, layer: Layer) -> list[Scheme]:

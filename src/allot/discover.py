@@ -17,6 +17,13 @@ from torch import Tensor, nn
 from allot.exceptions import PlanError
 
 _KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+_PADDING_MODES = ("same", "valid")
+MAX_WEIGHTS = 2**40
+"""Most weights of one layer (4 TiB in float32); a bound on what a plan may claim."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -39,19 +46,66 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS.values():
             raise PlanError(
-                f"layer kind must be one of {sorted(_KINDS.values())}, got {self.kind!r}"
+                f"layer kind must be one of {sorted(_KINDS.values())}, got {self.kind!r:.40}"
             )
-        if self.out_features < 1 or self.in_features < 1:
-            raise PlanError("layer features must be positive")
-        dims = len(self.kernel_size)
-        if self.kind != "linear" and dims != int(self.kind[4]):
-            raise PlanError(
-                f"a {self.kind} layer needs a {self.kind[4]}-d kernel_size, got {self.kernel_size}"
-            )
+        for name in ("out_features", "in_features"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise PlanError(f"{name} must be a positive int, got {value!r:.40}")
+        if not isinstance(self.bias, bool):
+            raise PlanError(f"bias must be true or false, got {self.bias!r:.40}")
+        dims = 0 if self.kind == "linear" else int(self.kind[4])
         # Conv defaults as in torch: stride 1, no padding, no dilation.
-        for name, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
-            if getattr(self, name) == ():
-                object.__setattr__(self, name, (default,) * dims)
+        for name, low, default in (
+            ("kernel_size", 1, None),
+            ("stride", 1, 1),
+            ("padding", 0, 0),
+            ("dilation", 1, 1),
+        ):
+            value = getattr(self, name)
+            if name == "padding" and isinstance(value, str):
+                if value not in _PADDING_MODES or dims == 0:
+                    raise PlanError(
+                        f"padding must be a tuple of ints or one of {_PADDING_MODES} for a "
+                        f"convolution, got {value!r:.40}"
+                    )
+                continue
+            if isinstance(value, list):
+                value = tuple(value)
+            if default is not None and value == ():
+                value = (default,) * dims
+            if (
+                not isinstance(value, tuple)
+                or len(value) != dims
+                or not all(_is_int(v) and v >= low for v in value)
+            ):
+                what = "empty" if dims == 0 else f"{dims} ints >= {low}"
+                raise PlanError(f"a {self.kind} layer's {name} must be {what}, got {value!r:.60}")
+            object.__setattr__(self, name, value)
+        if isinstance(self.padding, str) and any(s != 1 for s in self.stride):
+            raise PlanError(f"padding={self.padding!r} needs stride 1, got {self.stride}")
+        if max(self.out_features, self.fan_in, self.numel) > MAX_WEIGHTS:
+            raise PlanError(
+                f"a layer of {self.out_features} x {self.fan_in} weights is beyond the "
+                f"{MAX_WEIGHTS:,} weights allot handles in one layer"
+            )
+
+    def differences(self, other: LayerSpec) -> list[str]:
+        """What differs from `other`, field by field, e.g. "padding 'same' vs (1, 1)"."""
+        return [
+            f"{name} {getattr(self, name)!r} vs {getattr(other, name)!r}"
+            for name in (
+                "kind",
+                "out_features",
+                "in_features",
+                "kernel_size",
+                "stride",
+                "padding",
+                "dilation",
+                "bias",
+            )
+            if getattr(self, name) != getattr(other, name)
+        ]
 
     @property
     def fan_in(self) -> int:
@@ -113,20 +167,30 @@ class LayerSpec:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LayerSpec:
-        try:
-            padding = data["padding"]
-            return cls(
-                kind=data["kind"],
-                out_features=int(data["out_features"]),
-                in_features=int(data["in_features"]),
-                kernel_size=tuple(int(v) for v in data["kernel_size"]),
-                stride=tuple(int(v) for v in data["stride"]),
-                padding=padding if isinstance(padding, str) else tuple(int(v) for v in padding),
-                dilation=tuple(int(v) for v in data["dilation"]),
-                bias=bool(data["bias"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"invalid layer spec {data!r}: {exc}") from exc
+        """Rebuild from `to_json`'s form; `PlanError` naming the field when one is missing or not
+        exactly of its type (3.7 is no kernel size, "false" no bias)."""
+        fields = ("kind", "out_features", "in_features", "kernel_size", "stride", "padding")
+        missing = [k for k in (*fields, "dilation", "bias") if k not in data]
+        if missing:
+            raise PlanError(f"layer spec: missing {', '.join(missing)}")
+        unknown = sorted(set(data) - {*fields, "dilation", "bias"})
+        if unknown:
+            raise PlanError(f"layer spec: unknown field(s) {unknown!r:.80}")
+        for name in ("kernel_size", "stride", "dilation", "padding"):
+            value = data[name]
+            if not isinstance(value, list) and not (name == "padding" and isinstance(value, str)):
+                raise PlanError(f"layer spec: {name} must be a list, got {value!r:.40}")
+        padding = data["padding"]
+        return cls(
+            kind=data["kind"],
+            out_features=data["out_features"],
+            in_features=data["in_features"],
+            kernel_size=tuple(data["kernel_size"]),
+            stride=tuple(data["stride"]),
+            padding=padding if isinstance(padding, str) else tuple(padding),
+            dilation=tuple(data["dilation"]),
+            bias=data["bias"],
+        )
 
     @classmethod
     def from_module(cls, module: nn.Module) -> LayerSpec:
@@ -156,6 +220,14 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
+def _subclass_reason(cls: type, base: type) -> str:
+    return (
+        f"{cls.__name__} subclasses nn.{base.__name__}, and a subclass may compute something else "
+        f"than nn.{base.__name__}.forward, which the compressed layer runs; kept in float (build "
+        f"the layer as a plain nn.{base.__name__} to compress it)"
+    )
+
+
 @dataclass(frozen=True)
 class Layer:
     """A compressible layer: its qualified name and geometry."""
@@ -179,8 +251,8 @@ class Discovery:
 def discover(model: nn.Module) -> Discovery:
     """Find compressible layers (exact types Linear, Conv1d, Conv2d) in module order.
 
-    Subclasses of those types are skipped: their forward may do something the spec cannot replay.
-    A layer whose weight tensor is shared with an earlier layer (tied weights) is skipped too, so a
+    Subclasses of those types are skipped, with the reason in `skipped`: their forward may do
+    something the spec cannot replay. A layer whose weight tensor is shared with an earlier layer (tied weights) is skipped too, so a
     shared weight is compressed once, through its first user.
     """
     layers: list[Layer] = []
@@ -188,6 +260,9 @@ def discover(model: nn.Module) -> Discovery:
     owners: dict[int, str] = {}
     for name, module in model.named_modules():
         if type(module) not in _KINDS:
+            base = next((k for k in _KINDS if isinstance(module, k)), None)
+            if base is not None:
+                skipped[name] = _subclass_reason(type(module), base)
             continue
         reason = unsupported_reason(module)
         key = id(module.weight)

@@ -12,7 +12,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from allot.exceptions import PlanError
+
 _PAIRS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
+
+
+def check_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """`PlanError` unless every pair names a Conv1d/Conv2d and a BatchNorm of the same dimension
+    and channel count in `model` (a plan's `folded` list is checked before it is applied)."""
+    modules = dict(model.named_modules())
+    for names in zip(*pairs, strict=True) if pairs else ():
+        if len(set(names)) != len(names):
+            raise PlanError("plan.folded: a module appears in two pairs")
+    for conv_name, bn_name in pairs:
+        conv, bn = modules.get(conv_name), modules.get(bn_name)
+        if (
+            type(conv) not in _PAIRS
+            or type(bn) is not _PAIRS[type(conv)]
+            or conv.out_channels != bn.num_features
+        ):
+            raise PlanError(
+                f"plan.folded: the model has no convolution {conv_name!r:.60} followed by its "
+                f"BatchNorm {bn_name!r:.60}; is it a plan for another model?"
+            )
 
 
 def find_conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str | None]:
@@ -42,7 +64,9 @@ def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     """Fold each BatchNorm (eval statistics) into its conv, in place; the BatchNorm becomes Identity.
 
     w' = w * gamma / sqrt(var + eps) per output channel; b' = beta + (b - mean) * gamma / sqrt(var + eps).
+    `PlanError` when a pair does not name a conv and its BatchNorm (`check_pairs`).
     """
+    check_pairs(model, pairs)
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         gain = bn.running_var.add(bn.eps).rsqrt()
@@ -59,8 +83,10 @@ def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
 def fold_structure(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     """The structure of a folded model (conv with bias, BatchNorm replaced), values not folded.
 
-    Used when loading an artifact: its state dict holds the folded values.
+    Used when loading an artifact: its state dict holds the folded values. `PlanError` when a
+    pair does not name a conv and its BatchNorm (`check_pairs`).
     """
+    check_pairs(model, pairs)
     for conv_name, bn_name in pairs:
         conv = model.get_submodule(conv_name)
         if conv.bias is None:

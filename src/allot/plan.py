@@ -9,6 +9,7 @@ built (null when unknown).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,7 @@ class Plan:
         for layer in self.layers:
             if layer.name == name:
                 return layer
-        raise PlanError(f"the plan has no layer {name!r}")
+        raise PlanError(f"the plan has no layer {name!r:.60}")
 
     def check_fits(self, discovery: Discovery) -> None:
         """`PlanError` unless the plan's layers are exactly the model's compressible layers."""
@@ -115,8 +116,9 @@ class Plan:
         for name, spec in planned.items():
             if found[name] != spec:
                 raise PlanError(
-                    f"layer {name}: the plan expects {spec.weight_shape} ({spec.kind}), the model has "
-                    f"{found[name].weight_shape} ({found[name].kind}); is it a plan for another model?"
+                    f"layer {name}: the plan's geometry differs from the model's "
+                    f"({'; '.join(spec.differences(found[name]))}, plan vs model); "
+                    "is it a plan for another model?"
                 )
         extra = sorted(set(found) - set(planned))
         if extra:
@@ -165,17 +167,20 @@ class Plan:
         for i, item in enumerate(layers_data):
             where = f"plan.layers[{i}]"
             if not isinstance(item, dict):
-                raise PlanError(f"{where}: expected an object, got {item!r}")
-            damage = item.get("damage")
-            if damage is not None and not isinstance(damage, (int, float)):
-                raise PlanError(f"{where}.damage: expected a number or null, got {damage!r}")
-            spec = LayerSpec.from_json(_field(item, "spec", dict, where))
+                raise PlanError(f"{where}: expected an object, got {item!r:.60}")
+            damage = _damage(item.get("damage"), where)
+            try:
+                spec = LayerSpec.from_json(_field(item, "spec", dict, where))
+            except PlanError as exc:
+                raise PlanError(f"{where}.spec: {exc}") from exc
             scheme = scheme_from_json(_field(item, "scheme", dict, where), f"{where}.scheme")
             try:
                 scheme.check(spec)
             except AllotError as exc:
                 raise PlanError(f"{where}.scheme: {exc}") from exc
             layers.append(LayerPlan(_field(item, "name", str, where), spec, scheme, damage))
+        if not layers:
+            raise PlanError("plan.layers: empty; a plan covers at least one layer")
         names = [layer.name for layer in layers]
         if len(set(names)) != len(names):
             raise PlanError("plan.layers: a layer name appears twice")
@@ -206,12 +211,26 @@ class Plan:
         return cls.from_json(data)
 
 
+def _damage(value: Any, where: str) -> float | None:
+    """A layer's predicted damage from JSON: null, or a finite number (as float)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+            if math.isfinite(value):
+                return value
+    except OverflowError:
+        pass
+    raise PlanError(f"{where}.damage: expected a finite number or null, got {value!r:.40}")
+
+
 def _field(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in data:
         raise PlanError(f"{where}.{key}: missing")
     value = data[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise PlanError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+        raise PlanError(f"{where}.{key}: expected {kind.__name__}, got {value!r:.60}")
     return value
 
 

@@ -11,11 +11,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from allot.exceptions import PlanError
 from allot.files import atomic_write, write_json
 from allot.plan import Plan
 from allot.sensitivity import Sensitivity
 
 REPORT = "report.md"
+ANALYSIS_FILES = frozenset({"analysis.md", "analysis.json", "curvature.png", "sensitivity.png"})
+"""Every name `write_sensitivity` writes (what an analysis's --out may hold)."""
 NO_PLOTS = "Plots need matplotlib: pip install 'allot[plots]'."
 
 
@@ -26,6 +29,55 @@ def _plots() -> ModuleType | None:
     from allot.report import plots
 
     return plots
+
+
+_PREDICTION = ("linear", "per_layer", "joint", "measured_calibration", "measured_held_out")
+_GEOMETRY = (
+    "eigenvectors",
+    "top_error_share",
+    "top_curvature_share",
+    "negative_curvature",
+    "saddle",
+)
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def checked_metadata(plan: Plan) -> dict[str, Any]:
+    """The metadata entries the report reads (prediction, geometry, pareto, notes), checked: a
+    plan is untrusted, and a malformed entry gives `PlanError` naming it, not a traceback."""
+    meta = plan.metadata
+    prediction, geometry = meta.get("prediction"), meta.get("geometry")
+    pareto, notes = meta.get("pareto"), meta.get("notes", [])
+    if prediction is not None and not (
+        isinstance(prediction, dict)
+        and all(k in prediction and _number(prediction[k]) for k in _PREDICTION)
+    ):
+        raise PlanError(f"plan.metadata.prediction: expected numbers {', '.join(_PREDICTION)}")
+    if geometry is not None and not (
+        isinstance(geometry, dict)
+        and all(
+            isinstance(g, dict)
+            and all(k in g for k in _GEOMETRY)
+            and isinstance(g["saddle"], bool)
+            and all(_number(g[k]) for k in _GEOMETRY[:-1])
+            for g in geometry.values()
+        )
+    ):
+        raise PlanError(f"plan.metadata.geometry: expected per layer {', '.join(_GEOMETRY)}")
+    if pareto is not None and not (
+        isinstance(pareto, list)
+        and all(
+            isinstance(p, list) and len(p) == 2 and all(_number(v) and v is not None for v in p)
+            for p in pareto
+        )
+    ):
+        raise PlanError("plan.metadata.pareto: expected [bits per weight, damage] pairs")
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise PlanError("plan.metadata.notes: expected a list of strings")
+    return {"prediction": prediction, "geometry": geometry, "pareto": pareto, "notes": notes}
 
 
 def _fmt(value: Any) -> str:
@@ -46,6 +98,7 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
     """Write `report.md` and its plots into `directory`; `evaluation` maps a model label ("float",
     "compressed") to its metrics and sizes. Returns the report's path."""
     directory = Path(directory)
+    meta = checked_metadata(plan)
     lines = [
         f"# allot report: {plan.model}",
         "",
@@ -85,14 +138,14 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
             for layer in plan.layers
         ],
     )
-    lines += _prediction_lines(plan.metadata.get("prediction"))
-    lines += _geometry_lines(plan.metadata.get("geometry"))
+    lines += _prediction_lines(meta["prediction"])
+    lines += _geometry_lines(meta["geometry"])
     if plan.folded:
         lines += ["", "BatchNorm folded into: " + ", ".join(f"{c} <- {b}" for c, b in plan.folded)]
     if plan.skipped:
         lines += ["", "## Kept in float", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in plan.skipped.items()]
-    for note in plan.metadata.get("notes", []):
+    for note in meta["notes"]:
         lines += ["", f"Note: {note}"]
     lines += ["", "## Plots", ""]
     plots = _plots()

@@ -14,14 +14,21 @@ from allot.files import atomic_write
 from allot.plan import Plan
 from allot.sensitivity import Sensitivity
 
+MAX_BARS = 200
+"""Most layers drawn as labelled bars; more are drawn as one filled step line by layer index, so
+a plot's size and drawing time stay bounded whatever the number of layers."""
+
 
 def _bar(
     path: Path, labels: list[str], values: list[float], ylabel: str, title: str, log: bool = False
 ) -> None:
-    width = max(6.0, 0.28 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(width, 4))
-    ax.bar(range(len(values)), values, color="#3b6ea8")
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * min(len(labels), MAX_BARS) + 2), 4))
+    if len(values) <= MAX_BARS:
+        ax.bar(range(len(values)), values, color="#3b6ea8")
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    else:
+        ax.stairs(values, fill=True, color="#3b6ea8")
+        ax.set_xlabel(f"layer index ({len(values):,} layers)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if log:

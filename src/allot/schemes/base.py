@@ -111,7 +111,9 @@ class Scheme(abc.ABC):
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(params) - names
         if unknown:
-            raise PlanError(f"{where}: unknown field(s) {sorted(unknown)} for scheme {cls.kind!r}")
+            raise PlanError(
+                f"{where}: unknown field(s) {sorted(unknown)!r:.80} for scheme {cls.kind!r}"
+            )
         try:
             return cls(**params)
         except (ConfigError, TypeError, ValueError) as exc:
@@ -163,4 +165,4 @@ def check_int_field(owner: str, name: str, value: Any, low: int, high: int | Non
     if ok and (high is None or value <= high):
         return
     bounds = f"in {low}..{high}" if high is not None else f">= {low}"
-    raise ConfigError(f"{owner}.{name} must be an int {bounds}, got {value!r}")
+    raise ConfigError(f"{owner}.{name} must be an int {bounds}, got {value!r:.40}")

@@ -48,11 +48,11 @@ class Sum(Scheme):
     def __post_init__(self) -> None:
         parts = tuple(self.parts) if isinstance(self.parts, (tuple, list)) else self.parts
         if not isinstance(parts, tuple) or len(parts) < 2:
-            raise ConfigError(f"Sum.parts must hold at least two schemes, got {self.parts!r}")
+            raise ConfigError(f"Sum.parts must hold at least two schemes, got {self.parts!r:.80}")
         for part in parts:
             if not isinstance(part, Scheme) or part.kind in ("keep", "sum"):
                 raise ConfigError(
-                    f"Sum.parts must be compressing schemes (not keep, not another sum), got {part!r}"
+                    f"Sum.parts must be compressing schemes (not keep, not another sum), got {part!r:.60}"
                 )
         object.__setattr__(self, "parts", parts)
         check_int_field("Sum", "repeats", self.repeats, 1, 1000)

@@ -49,7 +49,9 @@ class Quant(Scheme):
         if self.group is not None:
             check_int_field("Quant", "group", self.group, 1)
         if self.rounding not in ROUNDINGS:
-            raise ConfigError(f"Quant.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+            raise ConfigError(
+                f"Quant.rounding must be one of {ROUNDINGS}, got {self.rounding!r:.40}"
+            )
 
     def label(self) -> str:
         group = f"g{self.group}" if self.group is not None else ""

@@ -41,7 +41,7 @@ class Sparse(Scheme):
     def __post_init__(self) -> None:
         d = self.density
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
-            raise ConfigError(f"Sparse.density must be a number in (0, 1], got {d!r}")
+            raise ConfigError(f"Sparse.density must be a number in (0, 1], got {d!r:.40}")
         object.__setattr__(self, "density", float(d))
 
     def kept(self, spec: LayerSpec) -> int:

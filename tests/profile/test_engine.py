@@ -157,3 +157,80 @@ def test_unknown_layers_and_bad_settings_are_refused() -> None:
         Settings(probes_min=1)
     with pytest.raises(ConfigError, match="eigenpairs"):
         Settings(eigenpairs=5, lanczos_iterations=4)
+
+
+def _forge_entry(entry, edit) -> None:
+    """Rewrite a cache entry's tensors with `edit`, with a checksum that matches them (what a
+    forger, or another program, would write)."""
+    from safetensors.torch import load_file, save_file
+
+    from allot.profile.cache import _checksum
+
+    tensors = edit(load_file(entry))
+    save_file(tensors, entry, metadata={"sha256": _checksum(tensors)})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t: {k: v[..., :1].contiguous() for k, v in t.items()},
+            "does not hold what allot stores",
+        ),
+        (lambda t: {f"x{k}": v for k, v in t.items()}, "does not hold what allot stores"),
+        (lambda t: {k: torch.full_like(v, float("nan")) for k, v in t.items()}, "NaN or inf"),
+    ],
+)
+def test_an_entry_with_a_valid_checksum_but_wrong_content_is_recomputed(
+    tmp_path, edit, message
+) -> None:
+    profile, _ = make_profile("mlp", cache=Cache(tmp_path))
+    expected = profile.gradient(profile.names[0])
+    (entry,) = tmp_path.rglob("*.safetensors")
+    _forge_entry(entry, edit)
+    again = Profile(profile.model, profile.layers, profile.data, cache=Cache(tmp_path))
+    with pytest.warns(UserWarning, match=message):
+        torch.testing.assert_close(again.gradient(profile.names[0]), expected)
+    assert again.curvature.passes.gradient_sweeps == 1
+
+
+def test_non_finite_results_are_never_stored(tmp_path) -> None:
+    cache = Cache(tmp_path)
+    cache.put("a" * 64, {"x": torch.tensor([1.0, float("inf")])})
+    cache.put("b" * 64, {"x": torch.tensor([1.0, 2.0])})
+    assert [p.name[:1] for p in tmp_path.rglob("*.safetensors")] == ["b"]
+
+
+def test_the_cache_is_bounded_and_evicts_the_least_recently_used(tmp_path) -> None:
+    import os
+
+    entry = {"x": torch.zeros(1000)}  # about 4 kB on disk
+    cache = Cache(tmp_path, max_bytes=10_000)
+    for i, key in enumerate(("a", "b")):
+        cache.put(key * 64, entry)
+        path = next(tmp_path.rglob(f"{key * 64}.safetensors"))
+        os.utime(path, (1000 + i, 1000 + i))
+    assert cache.get("a" * 64) is not None  # now the most recently used
+    cache.put("c" * 64, entry)
+    assert sorted(p.name[:1] for p in tmp_path.rglob("*.safetensors")) == ["a", "c"]
+
+
+def test_a_read_only_cache_still_serves_its_entries(tmp_path, monkeypatch) -> None:
+    import os
+
+    Cache(tmp_path).put("a" * 64, {"x": torch.ones(3)})
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "utime", read_only)
+    assert torch.equal(Cache(tmp_path).get("a" * 64)["x"], torch.ones(3))
+
+
+def test_a_bad_size_bound_is_a_config_error(monkeypatch) -> None:
+    for value in ("lots", "-1", "nan"):
+        monkeypatch.setenv("ALLOT_CACHE_MAX_MB", value)
+        with pytest.raises(ConfigError, match="ALLOT_CACHE_MAX_MB"):
+            Cache(None)
+    monkeypatch.setenv("ALLOT_CACHE_MAX_MB", "1.5")
+    assert Cache(None).max_bytes == int(1.5 * 2**20)

@@ -8,8 +8,11 @@ a key, so another process on the same inputs finds the same entries; any change 
 a new key, so entries never go stale.
 
 Entries are untrusted on reading: each carries the SHA-256 of its tensors in its header and one
-whose tensors do not match (torn, altered, or not written by allot) is ignored with a warning and
-recomputed. The cache is bounded: after each write, the least recently used entries are deleted
+whose tensors do not match (torn, altered, or not written by allot), that holds NaN or inf (never
+stored), or whose names and shapes are not what the profile stores there, is ignored with a
+warning and recomputed. The checksum detects damage, not forgery: anyone who can write the cache
+directory can write a matching one; such an entry can only make statistics wrong, since entries
+are plain tensors (safetensors, never unpickled). The cache is bounded: after each write, the least recently used entries are deleted
 until it holds at most `$ALLOT_CACHE_MAX_MB` megabytes (default 2048). A cache directory that cannot
 be written (not a directory, no permission, a full disk) disables the cache with one warning: it
 only ever saves time, so it never stops a run.
@@ -19,8 +22,10 @@ The directory is `$ALLOT_CACHE`, else `~/.cache/allot`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import types
 import warnings
@@ -34,6 +39,7 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
 from allot.data import Data
+from allot.exceptions import ConfigError
 from allot.files import atomic_write
 
 DEFAULT_MAX_MB = 2048
@@ -163,22 +169,38 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
     return sha.hexdigest()
 
 
+def _max_bytes() -> int:
+    """`$ALLOT_CACHE_MAX_MB` (default 2048) in bytes; `ConfigError` when it is not a number >= 0."""
+    text = os.environ.get("ALLOT_CACHE_MAX_MB", str(DEFAULT_MAX_MB))
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = math.nan
+    if not 0 <= megabytes < 2**40:
+        raise ConfigError(
+            f"ALLOT_CACHE_MAX_MB must be a number of megabytes >= 0, got {text!r:.40}"
+        )
+    return int(megabytes * 2**20)
+
+
+def _finite(tensors: dict[str, Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
 class Cache:
     """Tensor dicts on disk by key; `Cache(None)` is a disabled cache that stores nothing."""
 
     def __init__(self, directory: Path | None, max_bytes: int | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
-        if max_bytes is None:
-            max_bytes = int(float(os.environ.get("ALLOT_CACHE_MAX_MB", DEFAULT_MAX_MB)) * 2**20)
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes if max_bytes is not None else _max_bytes()
 
     def _path(self, key: str) -> Path:
         assert self.directory is not None
         return self.directory / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str) -> dict[str, Tensor] | None:
-        """The entry under `key`; None when absent or disabled, or (with a warning) unreadable or
-        not matching its checksum."""
+        """The entry under `key`; None when absent or disabled, or (with a warning) unreadable,
+        not matching its checksum, or holding NaN or inf."""
         if self.directory is None:
             return None
         path = self._path(key)
@@ -191,13 +213,17 @@ class Cache:
             tensors = load_tensors(data)
             header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
             stored = header.get("__metadata__", {}).get("sha256")
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError, AttributeError) as exc:
             warnings.warn(f"cache entry {path} is unreadable ({exc}); recomputing it", stacklevel=2)
             return None
         if stored != _checksum(tensors):
             warnings.warn(f"cache entry {path} fails its checksum; recomputing it", stacklevel=2)
             return None
-        os.utime(path)  # recently used: evicted last
+        if not _finite(tensors):
+            warnings.warn(f"cache entry {path} holds NaN or inf; recomputing it", stacklevel=2)
+            return None
+        with contextlib.suppress(OSError):  # a read-only cache is still a cache
+            os.utime(path)  # recently used: evicted last
         return tensors
 
     def put(self, key: str, tensors: dict[str, Tensor]) -> None:
@@ -207,6 +233,8 @@ class Cache:
         if self.directory is None:
             return
         data = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        if not _finite(data):  # never a valid entry: the next run computes it again
+            return
         try:
             atomic_write(self._path(key), save_tensors(data, metadata={"sha256": _checksum(data)}))
             self._evict()

@@ -23,8 +23,9 @@ Data come through the data contract (`allot.data`): batches are streamed, one pa
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, astuple, dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ from allot.progress import progress_counter
 from allot.stats import LayerStats
 
 _VERSION = "allot-profile-4"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,19 +114,18 @@ class Profile:
         """Input second moments of a layer (one forward sweep computes every layer's)."""
         if self._inputs is None:
             key = self._entry_key("inputs")
-            stored = self.cache.get(key)
-            if stored is None:
+            fan_ins = {layer.name: layer.spec.fan_in for layer in self.layers}
+            self._inputs = self._cached(key, lambda stored: _unpack_inputs(stored, fan_ins))
+            if self._inputs is None:
                 self._inputs = input_statistics(self.model, self.layers, self.data, self.progress)
                 self.cache.put(key, _pack_inputs(self._inputs))
-            else:
-                self._inputs = _unpack_inputs(stored, self.names)
         return self._inputs[self.layer(name).name]
 
     def gradient(self, name: str) -> Tensor:
         """g_i = dL/dw_i of a layer (one forward+backward sweep computes every layer's)."""
         if self._gradient is None:
             key = self._entry_key("gradient")
-            stored = self.cache.get(key)
+            stored = self._cached(key, lambda stored: _shaped(stored, self._shapes(), ""))
             if stored is None:
                 stored = self.curvature.gradient()
                 self.cache.put(key, stored)
@@ -136,8 +137,10 @@ class Profile:
         deflated by each layer's Lanczos space (so this runs the Lanczos iterations first)."""
         if self._estimates is None:
             key = self._entry_key("hutchinson", asdict(self.settings))
-            stored = self.cache.get(key)
-            if stored is None:
+            self._estimates = self._cached(
+                key, lambda stored: _unpack_estimates(stored, self._shapes())
+            )
+            if self._estimates is None:
                 s = self.settings
                 with progress_counter("Hessian trace probes", self.progress, s.probes_max) as step:
 
@@ -155,8 +158,6 @@ class Profile:
                         deflation=self.krylov(),
                     )
                 self.cache.put(key, _pack_estimates(self._estimates))
-            else:
-                self._estimates = _unpack_estimates(stored, self.names)
         return self._estimates
 
     def eigenpairs(self) -> dict[str, RitzPairs]:
@@ -164,16 +165,16 @@ class Profile:
         smallest (most negative first: saddle directions), eigenvectors flattened like the weight."""
         if self._eigenpairs is None:
             key = self._entry_key("lanczos", asdict(self.settings))
-            stored = self.cache.get(key)
-            if stored is None:
+            self._eigenpairs = self._cached(
+                key, lambda stored: _unpack_pairs(stored, self._shapes())
+            )
+            if self._eigenpairs is None:
                 k = self.settings.eigenpairs
                 self._eigenpairs = {
                     name: krylov.pairs(k, "both" if len(krylov.values) >= 2 * k else "largest")
                     for name, krylov in self.krylov().items()
                 }
                 self.cache.put(key, _pack_pairs(self._eigenpairs))
-            else:
-                self._eigenpairs = _unpack_pairs(stored, self.names)
         return self._eigenpairs
 
     def second_order(self, deltas: dict[str, list[Tensor]]) -> dict[str, list[SecondOrder]]:
@@ -207,7 +208,8 @@ class Profile:
         """Second-order terms of nonzero changes {layer: {key: change}}, from the disk cache or
         one lock-step block-HVP pass."""
         entry = self._entry_key("second-order", sorted(k for ds in missing.values() for k in ds))
-        stored = self.cache.get(entry)
+        wanted = {key: torch.Size([2]) for ds in missing.values() for key in ds}
+        stored = self._cached(entry, lambda stored: _shaped(stored, wanted, ""))
         if stored is None:
             count = self.data.batch_count()
             steps = None if count is None else count * sum(len(ds) for ds in missing.values())
@@ -253,6 +255,26 @@ class Profile:
                     step()
             self._krylov_runs = {name: run.krylov() for name, run in runs.items()}
         return self._krylov_runs
+
+    def _shapes(self) -> dict[str, torch.Size]:
+        return {name: self.curvature.shape(name) for name in self.names}
+
+    def _cached(self, key: str, unpack: Callable[[dict[str, Tensor]], T]) -> T | None:
+        """A cache entry unpacked, or None when absent; an entry that does not hold the names
+        and shapes this profile stores there (altered, or from another allot) is ignored with a
+        warning, and recomputed."""
+        stored = self.cache.get(key)
+        if stored is None:
+            return None
+        try:
+            return unpack(stored)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            warnings.warn(
+                f"a profile cache entry ({key[:16]}) does not hold what allot stores there "
+                f"({exc}); recomputing it",
+                stacklevel=3,
+            )
+            return None
 
     def _entry_key(self, kind: str, *settings: object) -> str:
         if self._key is None:
@@ -302,11 +324,27 @@ def _pack_inputs(stats: dict[str, LayerStats]) -> dict[str, Tensor]:
     return packed
 
 
-def _unpack_inputs(stored: dict[str, Tensor], names: list[str]) -> dict[str, LayerStats]:
-    return {
-        name: LayerStats(stored.get(f"{name}/cov"), int(stored[f"{name}/samples"]))
-        for name in names
-    }
+def _shaped(
+    stored: dict[str, Tensor], shapes: dict[str, torch.Size], suffix: str
+) -> dict[str, Tensor]:
+    """`stored[name + suffix]` for every name, each of its expected shape; `ValueError` (or
+    `KeyError`) otherwise."""
+    result = {}
+    for name, shape in shapes.items():
+        tensor = stored[name + suffix]
+        if tensor.shape != shape:
+            raise ValueError(f"{name + suffix} has shape {tuple(tensor.shape)}, not {tuple(shape)}")
+        result[name] = tensor
+    return result
+
+
+def _unpack_inputs(stored: dict[str, Tensor], fan_ins: dict[str, int]) -> dict[str, LayerStats]:
+    samples = _shaped(stored, {name: torch.Size([1]) for name in fan_ins}, "/samples")
+    covs = {name: stored.get(f"{name}/cov") for name in fan_ins}
+    for name, n in fan_ins.items():
+        if covs[name] is not None and covs[name].shape != (n, n):
+            raise ValueError(f"{name}/cov has shape {tuple(covs[name].shape)}, not {(n, n)}")
+    return {name: LayerStats(covs[name], int(samples[name])) for name in fan_ins}
 
 
 def _pack_estimates(estimates: dict[str, Estimate]) -> dict[str, Tensor]:
@@ -320,15 +358,20 @@ def _pack_estimates(estimates: dict[str, Estimate]) -> dict[str, Tensor]:
     return packed
 
 
-def _unpack_estimates(stored: dict[str, Tensor], names: list[str]) -> dict[str, Estimate]:
+def _unpack_estimates(
+    stored: dict[str, Tensor], shapes: dict[str, torch.Size]
+) -> dict[str, Estimate]:
+    scalars = _shaped(stored, {name: torch.Size([4]) for name in shapes}, "/scalars")
+    diagonals = _shaped(stored, shapes, "/diagonal")
+    stderrs = _shaped(stored, shapes, "/diagonal_stderr")
     estimates = {}
-    for name in names:
-        trace, stderr, probes, converged = stored[f"{name}/scalars"].tolist()
+    for name in shapes:
+        trace, stderr, probes, converged = scalars[name].tolist()
         estimates[name] = Estimate(
             trace=trace,
             trace_stderr=stderr,
-            diagonal=stored[f"{name}/diagonal"],
-            diagonal_stderr=stored[f"{name}/diagonal_stderr"],
+            diagonal=diagonals[name],
+            diagonal_stderr=stderrs[name],
             probes=int(probes),
             converged=bool(converged),
         )
@@ -343,8 +386,14 @@ def _pack_pairs(pairs: dict[str, RitzPairs]) -> dict[str, Tensor]:
     }
 
 
-def _unpack_pairs(stored: dict[str, Tensor], names: list[str]) -> dict[str, RitzPairs]:
-    return {
-        name: RitzPairs(*(stored[f"{name}/{f}"] for f in ("values", "vectors", "residuals")))
-        for name in names
-    }
+def _unpack_pairs(stored: dict[str, Tensor], shapes: dict[str, torch.Size]) -> dict[str, RitzPairs]:
+    pairs = {}
+    for name, shape in shapes.items():
+        values, vectors, residuals = (
+            stored[f"{name}/{f}"] for f in ("values", "vectors", "residuals")
+        )
+        r = values.shape[0] if values.dim() == 1 else -1
+        if r < 1 or vectors.shape != (shape.numel(), r) or residuals.shape != (r,):
+            raise ValueError(f"{name}: eigenpairs of shapes that do not fit its weight")
+        pairs[name] = RitzPairs(values, vectors, residuals)
+    return pairs

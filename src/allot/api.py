@@ -26,7 +26,7 @@ from allot.data import Data, as_data, check_data
 from allot.discover import Discovery, discover
 from allot.errors import get_error_model
 from allot.evaluate import state_bits
-from allot.exceptions import BudgetError, ModelError
+from allot.exceptions import BudgetError, ConfigError, ModelError
 from allot.fold import find_conv_bn_pairs, fold_batchnorm
 from allot.methods import Method, get_method
 from allot.plan import LayerPlan, Plan
@@ -116,6 +116,8 @@ def score(
     `data` follows the data contract (`allot.Data`, or an object with `to_data()`); `policy`
     keeps or pins layers by name. The input model is not modified. `cache` keeps profile
     statistics on disk between runs."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be an int in 0..2**63 - 1, got {seed!r:.40}")
     torch.manual_seed(seed)
     data = as_data(data)
     method = get_method(method) if isinstance(method, str) else method

@@ -1,15 +1,23 @@
 """The `allot` command: compress, evaluate, analyze, report, zoo, demo.
 
-Every `AllotError` becomes one line on stderr and exit code 2 (`--debug` shows the traceback).
+Every `AllotError`, every bad argument and every failure of the file system (a full disk, a
+permission) becomes one line on stderr and exit code 2 (`--debug` shows the traceback). An
+interrupt (Ctrl-C, SIGINT) prints one line and exits with 130, the shell's code for a command
+stopped by SIGINT, so that scripts and make stop as they would for any interrupted command; exit
+code 2 keeps its one meaning, "the input was refused". Outputs are written whole or not at all
+(`allot.files.staged_directory`), and `--out` is checked before the long work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from rich.console import Console
@@ -18,19 +26,20 @@ from torch import nn
 
 from allot import api
 from allot.budget import Budget
-from allot.data import Data
+from allot.data import Data, check_data
 from allot.errors import ERROR_MODELS
 from allot.evaluate import file_bytes, latencies, macs, metrics, parameter_count
-from allot.exceptions import AllotError, ArtifactError, DataError
-from allot.files import read_json, write_json
-from allot.io import WEIGHTS, load, read_plan, save
-from allot.methods import METHODS, get_method
+from allot.exceptions import AllotError, ArtifactError, ConfigError, DataError
+from allot.files import read_json, staged_directory, write_json
+from allot.io import WEIGHTS, is_artifact_file, load, read_plan, write_artifact
+from allot.methods import METHODS, Method, get_method
 from allot.plan import Plan
 from allot.policy import Policy
 from allot.profile.cache import Cache, default_directory
 from allot.profile.measure import mean_loss
 from allot.refine import REFINERS
-from allot.report.markdown import write_report
+from allot.report.markdown import ANALYSIS_FILES, write_report
+from allot.sensitivity import Sensitivity
 from allot.source import (
     LOSSES,
     build,
@@ -128,6 +137,23 @@ def _budget(args: argparse.Namespace) -> Budget:
     )
 
 
+def _inputs(args: argparse.Namespace, ref: str | None) -> list[Path]:
+    """The files a command reads, which its --out may not contain: the model file, the weights,
+    the data files, and a zoo model's checkpoint."""
+    paths = [args.weights, args.held_out]
+    for reference in (ref, args.data):
+        if reference is not None and is_file_reference(reference):
+            paths.append(reference.rpartition(":")[0])
+        elif reference is not None and is_tensor_file(reference):
+            paths.append(reference)
+    if ref is not None and not is_file_reference(ref):
+        from allot.zoo import MODELS
+
+        if ref in MODELS:
+            paths.append(MODELS[ref].checkpoint)
+    return [Path(p) for p in paths if p is not None]
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     ref = args.model_file or args.model
     if ref is None:
@@ -137,38 +163,54 @@ def cmd_compress(args: argparse.Namespace) -> None:
     budget = _budget(args)
     policy = Policy.parse(args.keep or (), args.pin or ())
     refinement = _refinement(args)
-    model = float_model(ref, args.weights)
-    data = _data(args, ref, model, args.data)
-    float_bytes = file_bytes(model)
-    result = api.compress(
-        model,
-        data,
-        args.method,
-        budget,
-        policy=policy,
-        refinement=refinement,
-        model_name=ref,
-        seed=args.seed,
-        cache=_cache(args),
-        progress=not args.no_progress,
-    )
-    if args.weights:
-        result.plan.metadata["float_weights"] = str(Path(args.weights).resolve())
-    out = save(result.model, result.plan, args.out)
-    artifact_bytes = (out / WEIGHTS).stat().st_size
-    evaluation = {
-        "float": _evaluation(model, data, float_bytes, 1.0, 1.0),
-        "compressed": _evaluation(
-            result.model, data, artifact_bytes, result.plan.ratio, float_bytes / artifact_bytes
-        ),
-    }
-    write_json(out / EVALUATION, evaluation)
-    report = write_report(result.plan, evaluation, out)
+    with staged_directory(
+        Path(args.out), is_artifact_file, _inputs(args, ref), ArtifactError
+    ) as staging:
+        model = float_model(ref, args.weights)
+        data = _data(args, ref, model, args.data)
+        float_bytes = file_bytes(model)
+        # the user's model, loss and held-out evaluation run here, before the long work
+        check_data(model, data)
+        float_evaluation = _evaluation(model, data, float_bytes, 1.0, 1.0)
+        result = api.compress(
+            model,
+            data,
+            args.method,
+            budget,
+            policy=policy,
+            refinement=refinement,
+            model_name=_model_name(ref),
+            seed=args.seed,
+            cache=_cache(args),
+            progress=not args.no_progress,
+        )
+        if args.weights:
+            result.plan.metadata["float_weights"] = str(Path(args.weights).resolve())
+        write_artifact(result.model, result.plan, staging)
+        artifact_bytes = (staging / WEIGHTS).stat().st_size
+        evaluation = {
+            "float": float_evaluation,
+            "compressed": _evaluation(
+                result.model, data, artifact_bytes, result.plan.ratio, float_bytes / artifact_bytes
+            ),
+        }
+        write_json(staging / EVALUATION, evaluation)
+        report = write_report(result.plan, evaluation, staging)
+    out = Path(args.out)
     _print_evaluation(f"{ref} (float)", evaluation["float"])
     _print_evaluation(
         f"{ref} ({result.plan.method}, {budget.describe()})", evaluation["compressed"]
     )
-    console.print(f"artifact: {out} ({artifact_bytes:,} bytes); report: {report}")
+    console.print(f"artifact: {out} ({artifact_bytes:,} bytes); report: {out / report.name}")
+
+
+def _model_name(reference: str) -> str:
+    """The plan's `model` field: a zoo name as is, a model file by its absolute path (for the
+    record only: loading an artifact never imports it, the user passes the factory again)."""
+    if not is_file_reference(reference):
+        return reference
+    path, _, factory = reference.rpartition(":")
+    return f"{Path(path).resolve()}:{factory}"
 
 
 def _refinement(args: argparse.Namespace) -> api.Refinement | None:
@@ -234,12 +276,31 @@ def _zoo_dataset(plan: Plan) -> str | None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from allot.errors import get_error_model
-    from allot.profile.engine import Settings
     from allot.report.markdown import write_sensitivity
-    from allot.sensitivity import analyze
 
     method = get_method(args.method)
     get_error_model(args.error_model)
+    # --out is checked (and its staging directory made) before the long work
+    output = (
+        staged_directory(
+            Path(args.out), ANALYSIS_FILES.__contains__, _inputs(args, args.model), ConfigError
+        )
+        if args.out
+        else contextlib.nullcontext()
+    )
+    with output as staging:
+        result = _analysis(args, method)
+        if staging is not None:
+            write_sensitivity(result, f"{args.model} ({method.name} grid)", staging)
+    if args.out:
+        console.print(f"analysis: {Path(args.out) / 'analysis.md'}")
+
+
+def _analysis(args: argparse.Namespace, method: Method) -> Sensitivity:
+    """Profile the model, score its grid, and print the curvature and damage tables."""
+    from allot.profile.engine import Settings
+    from allot.sensitivity import analyze
+
     model = float_model(args.model, args.weights)
     data = _data(args, args.model, model, args.data)
     work, _pairs, discovery, _notes = api.prepare(model)
@@ -291,9 +352,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         f"cost: {result.fb_equivalents} forward+backward equivalents over "
         f"{data.samples()} calibration samples, {result.seconds:.1f} s"
     )
-    if args.out:
-        path = write_sensitivity(result, f"{args.model} ({method.name} grid)", Path(args.out))
-        console.print(f"analysis: {path}")
+    return result
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -386,19 +445,55 @@ def _add_source(parser: argparse.ArgumentParser, calibration: bool = True) -> No
         "--held-out", help=".npz/.safetensors file of held-out inputs and targets for your --data"
     )
     if calibration:
-        parser.add_argument("--calibration", type=int, default=512, help="calibration samples")
         parser.add_argument(
-            "--seed", type=int, default=0, help="seed of calibration subset and fitting"
+            "--calibration", type=_at_least(1), default=512, help="calibration samples"
+        )
+        parser.add_argument(
+            "--seed", type=_seed, default=0, help="seed of calibration subset and fitting"
         )
         parser.add_argument(
             "--no-cache", action="store_true", help="recompute profile statistics (no disk cache)"
         )
 
 
+class _UsageError(Exception):
+    """A command line argparse refuses; its message is the one line to print."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), raised to `main` instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: error: {' '.join(message.split())}")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r:.40}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed, an int in 0..2**63 - 1 (what torch's generators accept)."""
+    value = _at_least(0)(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="allot", description=__doc__.splitlines()[0])
+    top = _Parser(prog="allot", description=__doc__.splitlines()[0])
     top.add_argument("--debug", action="store_true", help="show tracebacks")
-    top.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    top.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads")
     top.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = top.add_subparsers(dest="command", required=True)
 
@@ -412,7 +507,7 @@ def parser() -> argparse.ArgumentParser:
         choices=sorted(REFINERS),
         help="refinement after the plan is applied (default: the method's own, if any)",
     )
-    p.add_argument("--refine-epochs", type=int, help="epochs of a refinement that trains")
+    p.add_argument("--refine-epochs", type=_at_least(0), help="epochs of a refinement that trains")
     p.add_argument("--refine-lr", type=float, help="learning rate of a refinement that trains")
     p.add_argument(
         "--keep",
@@ -451,8 +546,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--error-model", default="second-order", choices=sorted(ERROR_MODELS), help="damage model"
     )
-    p.add_argument("--probes", type=int, default=16, help="most Hutchinson probes (trace)")
-    p.add_argument("--lanczos", type=int, default=4, help="Lanczos iterations per layer")
+    p.add_argument("--probes", type=_at_least(2), default=16, help="most Hutchinson probes (trace)")
+    p.add_argument("--lanczos", type=_at_least(1), default=4, help="Lanczos iterations per layer")
     p.add_argument("--out", help="directory for analysis.md, analysis.json and plots")
     _add_source(p)
     p.set_defaults(func=cmd_analyze)
@@ -466,7 +561,7 @@ def parser() -> argparse.ArgumentParser:
     zoo.add_parser("list", help="registered models and their checkpoints")
     t = zoo.add_parser("train", help="train a zoo model and write its checkpoint")
     t.add_argument("name")
-    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--epochs", type=_at_least(1), default=None)
     t.add_argument("--out", default=None, help="checkpoint directory (default: the package's)")
     p.set_defaults(func=cmd_zoo)
 
@@ -477,17 +572,45 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run the `allot` command; returns its exit code (0, 2 for refused input or a failed write,
+    130 for an interrupt)."""
+    try:
+        args = parser().parse_args(argv)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        args.func(args)
-    except AllotError as exc:
-        if args.debug:
-            raise
-        print(f"allot: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        try:
+            args.func(args)
+        except (AllotError, OSError, KeyboardInterrupt) as exc:
+            if args.debug:
+                raise
+            if isinstance(exc, KeyboardInterrupt):
+                print(
+                    "allot: interrupted; an output not yet complete was discarded", file=sys.stderr
+                )
+                return 130
+            print(f"allot: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's message on one line; a file-system error with the file it concerns."""
+    if isinstance(exc, OSError) and not isinstance(exc, AllotError):
+        text = exc.strerror or str(exc)
+        if exc.filename is not None:
+            text = f"{exc.filename}: {text}"
+    else:
+        text = str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_args: Any) -> None:
+    print(f"allot: warning: {_one_line(Warning(str(message)))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,19 @@ _FLOAT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 def metrics(model: nn.Module, data: Data) -> dict[str, float]:
     """The data's held-out metrics of `model` (headline first), or {} when the data has no
-    held-out evaluation. `DataError` when the evaluation returns anything but a dict of numbers."""
+    held-out evaluation. `DataError` when the evaluation fails or returns anything but a dict of
+    numbers."""
     if data.evaluate is None:
         return {}
-    result = data.evaluate(model.eval())
+    try:
+        result = data.evaluate(model.eval())
+    except DataError:
+        raise
+    except Exception as exc:  # the user's evaluation failed on the user's model
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(
+            f"the held-out evaluation failed: {type(exc).__name__}: {message}".rstrip(": ")
+        ) from exc
     if not isinstance(result, dict) or not all(
         isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
         for k, v in result.items()

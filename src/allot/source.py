@@ -56,10 +56,14 @@ def file_factory(reference: str, error: type[AllotError] = ModelError) -> Callab
     folder = str(path.resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
+    writes_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # leave no __pycache__ beside the user's file
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
         raise error(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
     factory = getattr(module, name, None)
     if not callable(factory):
         raise error(f"{path} has no callable {name!r}; pass FILE.py:FACTORY")

@@ -61,3 +61,11 @@ def test_float_weights_of_another_float_dtype_are_cast_for_a_users_model() -> No
     stored = {k: v.double() for k, v in model.state_dict().items()}
     model.load_state_dict(matched_state(model, stored, "the weights", ModelError, False))
     assert model[3].weight.dtype == torch.float32
+
+
+def test_names_from_the_file_cannot_break_the_line() -> None:
+    model = tied_model()
+    stored = {**{k: v.clone() for k, v in model.state_dict().items()}, "evil\nname": torch.ones(1)}
+    with pytest.raises(ArtifactError) as caught:
+        matched_state(model, stored, "the tensors in F", ArtifactError, True)
+    assert "\n" not in str(caught.value) and "'evil\\nname'" in str(caught.value)

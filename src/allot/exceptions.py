@@ -31,3 +31,10 @@ class ModelError(AllotError):
 
 class DataError(AllotError):
     """An unknown data set, empty calibration data, or data that does not fit the model."""
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """A name read from an untrusted file, fit for a one-line message: as is when printable,
+    else its repr (a newline in a tensor name must not break the line), cut at `limit`."""
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -17,7 +17,7 @@ from torch import nn
 
 from allot.budget import Budget
 from allot.discover import Discovery, LayerSpec
-from allot.exceptions import AllotError, PlanError
+from allot.exceptions import AllotError, PlanError, shown
 from allot.schemes import Scheme, scheme_from_json
 
 PLAN_VERSION = 1
@@ -101,7 +101,7 @@ class Plan:
         for layer in self.layers:
             if layer.name == name:
                 return layer
-        raise PlanError(f"the plan has no layer {name!r:.60}")
+        raise PlanError(f"the plan has no layer {shown(name)}")
 
     def check_fits(self, discovery: Discovery) -> None:
         """`PlanError` unless the plan's layers are exactly the model's compressible layers."""
@@ -110,13 +110,14 @@ class Plan:
         missing = sorted(set(planned) - set(found))
         if missing:
             raise PlanError(
-                f"the plan names layers the model does not have: {', '.join(missing[:5])}; "
+                f"the plan names layers the model does not have: "
+                f"{', '.join(shown(name) for name in missing[:5])}; "
                 "is it a plan for another model?"
             )
         for name, spec in planned.items():
             if found[name] != spec:
                 raise PlanError(
-                    f"layer {name}: the plan's geometry differs from the model's "
+                    f"layer {shown(name)}: the plan's geometry differs from the model's "
                     f"({'; '.join(spec.differences(found[name]))}, plan vs model); "
                     "is it a plan for another model?"
                 )

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from allot.data import Data, Distill, as_data, loader_evaluation, supervised
-from allot.exceptions import AllotError, ArtifactError, DataError, ModelError
+from allot.exceptions import AllotError, ArtifactError, DataError, ModelError, shown
 from allot.state import matched_state
 
 LOSSES = ("cross-entropy", "mse", "distill")
@@ -118,7 +118,7 @@ def zoo_factory(reference: str) -> Callable[[], nn.Module]:
     names is never imported; the caller passes that factory."""
     if is_file_reference(reference):
         raise ArtifactError(
-            f"the artifact was made from the model file {reference.rpartition(':')[0]}, and "
+            f"the artifact was made from the model file {shown(reference.rpartition(':')[0])}, and "
             "loading an artifact never runs code it names: pass the factory yourself "
             "(allot.load(DIR, model_factory=...), or --model FILE.py:FACTORY)"
         )

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 from torch import Tensor, nn
 
-from allot.exceptions import AllotError
+from allot.exceptions import AllotError, shown
 
 
 def tied_names(model: nn.Module) -> dict[str, list[str]]:
@@ -36,7 +36,8 @@ def tied_names(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _listed(names: list[str]) -> str:
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    shown_names = ", ".join(shown(name) for name in names[:4])
+    return shown_names + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def matched_state(
@@ -70,12 +71,13 @@ def matched_state(
         expected = own[name]
         if tuple(tensor.shape) != tuple(expected.shape):
             problems.append(
-                f"{name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected.shape)}"
+                f"{shown(name)} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected.shape)}"
             )
         elif tensor.dtype != expected.dtype and (
             exact_dtypes or tensor.is_floating_point() != expected.is_floating_point()
         ):
-            problems.append(f"{name} is {tensor.dtype}, the model expects {expected.dtype}")
+            problems.append(f"{shown(name)} is {tensor.dtype}, the model expects {expected.dtype}")
     if problems:
         raise error(f"{where} do not match the model: {'; '.join(problems[:3])}")
     for names in {tuple(n) for n in tied.values() if len(n) > 1}:

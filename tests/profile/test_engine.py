@@ -1,5 +1,7 @@
 """The Profile engine against exact float64 quantities, and its cache."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +236,20 @@ def test_a_bad_size_bound_is_a_config_error(monkeypatch) -> None:
             Cache(None)
     monkeypatch.setenv("ALLOT_CACHE_MAX_MB", "1.5")
     assert Cache(None).max_bytes == int(1.5 * 2**20)
+
+
+def test_an_altered_entry_fails_its_checksum_and_is_recomputed(tmp_path) -> None:
+    """Tensors changed under an unchanged header: the stored SHA-256 no longer matches."""
+    from safetensors.torch import load_file, save_file
+
+    profile, _ = make_profile("mlp", cache=Cache(tmp_path))
+    expected = profile.gradient(profile.names[0])
+    (entry,) = tmp_path.rglob("*.safetensors")
+    header = json.loads(
+        entry.read_bytes()[8 : 8 + int.from_bytes(entry.read_bytes()[:8], "little")]
+    )
+    tensors = {k: v + 1 for k, v in load_file(entry).items()}
+    save_file(tensors, entry, metadata=header["__metadata__"])
+    again = Profile(profile.model, profile.layers, profile.data, cache=Cache(tmp_path))
+    with pytest.warns(UserWarning, match="fails its checksum"):
+        torch.testing.assert_close(again.gradient(profile.names[0]), expected)

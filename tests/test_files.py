@@ -151,6 +151,10 @@ def test_output_checks_come_first_and_protect_the_users_files(tmp_path) -> None:
         with pytest.raises(AllotError, match=message):
             check_output(out, OWNED, [weights])
     (tmp_path / "file").write_text("x")
+    with pytest.raises(AllotError, match="is the current directory or holds it"):
+        check_output(Path.cwd(), OWNED)
+    with pytest.raises(AllotError, match="is the current directory or holds it"):
+        check_output(Path.cwd().parent, OWNED)
     with pytest.raises(AllotError, match="is a file"):
         check_output(tmp_path / "file", OWNED)
     mine = tmp_path / "mine"

@@ -214,11 +214,17 @@ def check_output(
     """Check an output directory before any long work; returns it as an absolute path.
 
     `error` when `target` is a file, a directory holding a name `owned` does not accept (allot
-    never deletes what it did not write), or the directory or a parent of any of `inputs` (the
-    weights, model file or data a command reads): writing there would destroy them. A symlink at
+    never deletes what it did not write), the current directory or one above it, or the
+    directory or a parent of any of `inputs` (the weights, model file or data a command reads):
+    writing there would destroy them. A symlink at
     `target` is replaced, not followed, so what it points to is never touched."""
     target = Path(os.path.abspath(target))
     real = target.parent.resolve() / target.name
+    if _inside(Path.cwd().resolve(), real):
+        raise error(
+            f"--out {target} is the current directory or holds it; the output replaces the "
+            "whole directory: choose a new directory below it"
+        )
     for given in inputs:
         if _inside(Path(given).resolve(), real):
             raise error(

@@ -5,7 +5,22 @@ one line too, not in Python's traceback, so the import happens here, inside a ha
 `allot.cli.main` takes over (which handles interrupts, errors and exit codes from then on).
 """
 
+import os
 import sys
+from typing import NoReturn
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with `code`. After an interrupt (130) the process leaves at once: when the
+    KeyboardInterrupt was raised inside code an extension ran through `PyRun_*` (torch does while
+    it is imported), Python would otherwise end by killing itself with SIGINT at shutdown,
+    replacing exit code 130 by a death by signal. Nothing is left to clean up by then: outputs
+    not yet complete were removed as the interrupt passed."""
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main() -> int:
@@ -18,5 +33,10 @@ def main() -> int:
     return run()
 
 
+def entry() -> NoReturn:
+    """The console script: `main`, then `leave` with its exit code."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -614,4 +614,6 @@ def _warning_line(message: Warning | str, category: type[Warning], *_args: Any) 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from allot_main import leave
+
+    leave(main())

@@ -6,6 +6,7 @@ one line too, not in Python's traceback, so the import happens here, inside a ha
 """
 
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -24,10 +25,28 @@ def leave(code: int) -> NoReturn:
 
 
 def main() -> int:
-    """Run the `allot` command; exit code 130 when interrupted while starting up."""
+    """Run the `allot` command; exit code 130 when interrupted while starting up.
+
+    An interrupt while allot (and torch, numpy, scipy) are being imported waits until the import
+    is done: cut in the middle, an extension module's import can leave it half loaded, and the
+    next import of it then fails with an ImportError instead of the interrupt. A second
+    interrupt does not wait."""
+    received: list[int] = []
+
+    def hold(number: int, _frame: object) -> None:
+        received.append(number)
+        if len(received) > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, hold)
     try:
         from allot.cli import main as run
-    except KeyboardInterrupt:
+    except BaseException:
+        if not received:
+            raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
         print("allot: interrupted while starting; nothing was written", file=sys.stderr)
         return 130
     return run()

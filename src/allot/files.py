@@ -216,8 +216,8 @@ def check_output(
     `error` when `target` is a file, a directory holding a name `owned` does not accept (allot
     never deletes what it did not write), the current directory or one above it, or the
     directory or a parent of any of `inputs` (the weights, model file or data a command reads):
-    writing there would destroy them. A symlink at
-    `target` is replaced, not followed, so what it points to is never touched."""
+    writing there would destroy them. A symlink at `target` is replaced, not followed, so what
+    it points to is never touched."""
     target = Path(os.path.abspath(target))
     real = target.parent.resolve() / target.name
     if _inside(Path.cwd().resolve(), real):
@@ -272,20 +272,37 @@ def staged_directory(
         yield staging
         _commit(staging, target)
     except OSError as exc:
-        raise error(f"cannot write {target}: {exc.strerror or exc}; it was left as it was") from exc
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise error(f"{exc.strerror or exc}{where}; {target} was left as it was") from exc
     finally:
         _remove(staging)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block are held back and delivered as it ends. Python
+    runs signal handlers in the main thread whichever thread the system gives the signal to, so
+    this holds while torch's threads run, where blocking the signal in one thread would not."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {n: signal.signal(n, lambda number, _frame: held.append(number)) for n in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for number in held:
+            signal.raise_signal(number)
 
 
 def _commit(staging: Path, target: Path) -> None:
     """Put `staging` in `target`'s place (the old one, if any, is removed afterwards). SIGINT and
     SIGTERM wait until the names are in place, so the two-rename fallback is never cut in half."""
     _fsync_directory(staging)
-    held = {signal.SIGINT, signal.SIGTERM}
-    main = threading.current_thread() is threading.main_thread()
-    if main:
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
+    with _signals_held():
         if not os.path.lexists(target):
             os.rename(staging, target)
         elif not _exchange(staging, target):
@@ -294,6 +311,3 @@ def _commit(staging: Path, target: Path) -> None:
             os.rename(staging, target)
             os.rename(backup, staging)
         _fsync_directory(target.parent)
-    finally:
-        if main:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from allot import api
+from allot import api, runtime
 from allot.budget import Budget
 from allot.data import Data
 from allot.errors import ERROR_MODELS
@@ -193,6 +193,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         else:
             model, plan = load(target)
         reference = _artifact_reference(args, plan)
+        if args.kernels or args.cache_weights:
+            layout = runtime.prepare(model, kernels=args.kernels, cache=args.cache_weights)
+            counts = {label: list(layout.values()).count(label) for label in set(layout.values())}
+            console.print("runtime: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
         data = _data(args, plan.model, reference, args.data or _zoo_dataset(plan))
         size = (target / WEIGHTS).stat().st_size
         result = _evaluation(
@@ -202,6 +206,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         if not is_file_reference(args.target) and target.exists():
             raise ArtifactError(f"{target} is not an artifact directory")
+        if args.kernels or args.cache_weights:
+            raise AllotError("--kernels and --cache-weights apply to an artifact directory")
         model = float_model(args.target, args.weights)
         data = _data(args, args.target, model, args.data)
         result = _evaluation(model, data, file_bytes(model), 1.0, 1.0, args.latency, model)
@@ -440,6 +446,17 @@ def parser() -> argparse.ArgumentParser:
         help="the architecture of an artifact made from your own model (never read from the artifact)",
     )
     p.add_argument("--latency", action="store_true", help="measure CPU latency vs the float model")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="run quantized Linear layers on low-bit kernels where their layout allows "
+        "(bfloat16 activations; allot.runtime)",
+    )
+    p.add_argument(
+        "--cache-weights",
+        action="store_true",
+        help="keep every other compressed layer's dense weight (float memory and speed)",
+    )
     _add_source(p, calibration=False)
     p.set_defaults(func=cmd_evaluate)
 

@@ -16,12 +16,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from allot import api, runtime
+from allot import api, hf, runtime
 from allot.budget import Budget
-from allot.data import Data
+from allot.data import Data, forward
 from allot.errors import ERROR_MODELS
 from allot.evaluate import file_bytes, latencies, macs, metrics, parameter_count
-from allot.exceptions import AllotError, ArtifactError, DataError
+from allot.exceptions import AllotError, ArtifactError, DataError, ExportError
+from allot.export import FORMATS
 from allot.files import read_json, write_json
 from allot.io import WEIGHTS, load, read_plan, save
 from allot.methods import METHODS, get_method
@@ -38,12 +39,16 @@ from allot.source import (
     float_model,
     is_file_reference,
     is_tensor_file,
+    tensor_batches,
     user_data,
     zoo_data,
     zoo_data_of,
+    zoo_factory,
 )
 
 EVALUATION = "evaluation.json"
+ONNX_TOLERANCE = 1e-3
+"""Largest relative difference (max |onnx - allot| / max |allot|) an ONNX export may have."""
 console = Console()
 
 
@@ -51,6 +56,15 @@ def _data(args: argparse.Namespace, model_ref: str, model: nn.Module, data: str 
     """The data a command runs on: the zoo model's own data set, a zoo data set named by --data,
     or the user's data factory or tensor file (with --loss and --held-out)."""
     calibration, seed = getattr(args, "calibration", 512), getattr(args, "seed", 0)
+    if hf.is_hf_reference(model_ref):
+        if data is None or not data.endswith(".txt"):
+            raise DataError("an hf:PATH model needs --data FILE.txt, one calibration text a line")
+        if args.loss not in (None, "distill"):
+            raise DataError("text lines have no labels: their loss is distill")
+        directory = model_ref.removeprefix(hf.PREFIX)
+        return hf.text_data(data, model, hf.tokenizer(directory), calibration, args.held_out)
+    if data is not None and data.endswith(".txt"):
+        raise DataError("a text file of lines needs a Hugging Face model (--model hf:PATH)")
     if data is None:
         if is_file_reference(model_ref):
             raise DataError(
@@ -131,7 +145,11 @@ def _budget(args: argparse.Namespace) -> Budget:
 def cmd_compress(args: argparse.Namespace) -> None:
     ref = args.model_file or args.model
     if ref is None:
-        raise AllotError("name a zoo model (see `allot zoo list`) or give --model FILE.py:FACTORY")
+        raise AllotError(
+            "name a zoo model (see `allot zoo list`) or give --model FILE.py:FACTORY or hf:PATH"
+        )
+    if hf.is_hf_reference(ref):
+        ref = hf.PREFIX + str(Path(ref.removeprefix(hf.PREFIX)).expanduser().resolve())
     if args.model_file and args.model:
         raise AllotError("give either a zoo model name or --model FILE.py:FACTORY, not both")
     budget = _budget(args)
@@ -155,6 +173,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if args.weights:
         result.plan.metadata["float_weights"] = str(Path(args.weights).resolve())
     out = save(result.model, result.plan, args.out)
+    if hf.is_hf_reference(ref):
+        hf.save_architecture(ref, out)
     artifact_bytes = (out / WEIGHTS).stat().st_size
     evaluation = {
         "float": _evaluation(model, data, float_bytes, 1.0, 1.0),
@@ -186,18 +206,13 @@ def _refinement(args: argparse.Namespace) -> api.Refinement | None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     target = Path(args.target)
     if target.is_dir():
-        plan = read_plan(target)
-        if args.model_file is not None:
-            factory = file_factory(args.model_file)
-            model, plan = load(target, lambda: build(factory, args.model_file))
-        else:
-            model, plan = load(target)
+        model, plan = _load_artifact(args, target)
         reference = _artifact_reference(args, plan)
         if args.kernels or args.cache_weights:
             layout = runtime.prepare(model, kernels=args.kernels, cache=args.cache_weights)
             counts = {label: list(layout.values()).count(label) for label in set(layout.values())}
             console.print("runtime: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-        data = _data(args, plan.model, reference, args.data or _zoo_dataset(plan))
+        data = _data(args, _source(args, plan, target), reference, args.data or _zoo_dataset(plan))
         size = (target / WEIGHTS).stat().st_size
         result = _evaluation(
             model, data, size, plan.ratio, file_bytes(reference) / size, args.latency, reference
@@ -214,10 +229,40 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         _print_evaluation(f"{args.target} (float)", result)
 
 
+def _load_artifact(args: argparse.Namespace, target: Path) -> tuple[nn.Module, Plan]:
+    """An artifact rebuilt on the architecture of the user's --model, of its own hf/ folder (a
+    Hugging Face model), or of the zoo model it names; never on code the artifact names."""
+    plan = read_plan(target)
+    if args.model_file is not None:
+        if hf.is_hf_reference(args.model_file):
+            return load(target, hf.architecture(args.model_file.removeprefix(hf.PREFIX)))
+        factory = file_factory(args.model_file)
+        return load(target, lambda: build(factory, args.model_file))
+    if hf.is_hf_reference(plan.model):
+        return load(target, hf.architecture(target / hf.FOLDER))
+    return load(target)
+
+
+def _source(args: argparse.Namespace, plan: Plan, target: Path) -> str:
+    """The model reference an artifact's data is read for: a Hugging Face artifact's tokenizer is
+    its own hf/ folder's (or the user's --model hf:PATH)."""
+    if args.model_file is None and hf.is_hf_reference(plan.model):
+        return hf.PREFIX + str(target / hf.FOLDER)
+    return args.model_file or plan.model
+
+
 def _artifact_reference(args: argparse.Namespace, plan: Plan) -> nn.Module:
     """The float model an artifact is compared with: the zoo model it names, or the user's own
-    --model with --weights (an artifact's recorded paths are never opened)."""
+    --model (FILE.py:FACTORY with --weights, or hf:PATH); an artifact's recorded paths are never
+    opened."""
+    if args.model_file is None and hf.is_hf_reference(plan.model):
+        raise ArtifactError(
+            "give --model hf:PATH, the float model to compare the artifact with (its recorded "
+            "path is not opened)"
+        )
     if args.model_file is not None:
+        if hf.is_hf_reference(args.model_file):
+            return float_model(args.model_file)
         if args.weights is None:
             raise ArtifactError(
                 "--model FILE.py:FACTORY needs --weights, the float weights to compare with"
@@ -233,7 +278,7 @@ def _zoo_dataset(plan: Plan) -> str | None:
     name = plan.metadata.get("dataset")
     if isinstance(name, str) and name in DATASETS:
         return name
-    if is_file_reference(plan.model):
+    if is_file_reference(plan.model) or hf.is_hf_reference(plan.model):
         raise DataError("the artifact was made on your own data: give it again with --data")
     return None
 
@@ -300,6 +345,68 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     if args.out:
         path = write_sensitivity(result, f"{args.model} ({method.name} grid)", Path(args.out))
         console.print(f"analysis: {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from allot.export import export
+    from allot.export.onnx import run_onnx
+
+    target = Path(args.artifact)
+    if not target.is_dir():
+        raise ArtifactError(f"{target} is not an artifact directory")
+    model, plan = _load_artifact(args, target)
+    out = Path(args.out)
+    if args.format == "torchao":
+        path = export(model, plan, "torchao", out, architecture=_architecture(args, plan, target))
+        console.print(f"torchao state dict: {path} ({path.stat().st_size:,} bytes)")
+        return
+    inputs = _example_inputs(args, plan, target, model)
+    path = export(model, plan, "onnx", out, inputs=inputs)
+    with torch.no_grad():
+        expected = forward(model, inputs)
+    got = torch.from_numpy(run_onnx(path, inputs)[0])
+    difference = float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-30))
+    if not difference <= ONNX_TOLERANCE:
+        raise ExportError(
+            f"onnxruntime's output differs from allot's by {difference:.2e} (relative), above "
+            f"{ONNX_TOLERANCE:g}; the export is not usable"
+        )
+    size, artifact = path.stat().st_size, (target / WEIGHTS).stat().st_size
+    console.print(
+        f"ONNX: {path} ({size:,} bytes, {size / artifact:.3f}x the artifact's weights file); "
+        f"onnxruntime matches allot within {difference:.1e} (max relative difference)"
+    )
+
+
+def _architecture(args: argparse.Namespace, plan: Plan, target: Path):
+    """The float architecture (a factory) an artifact was compressed from, never from code the
+    artifact names."""
+    if args.model_file is not None:
+        if hf.is_hf_reference(args.model_file):
+            return hf.architecture(args.model_file.removeprefix(hf.PREFIX))
+        factory = file_factory(args.model_file)
+        return lambda: build(factory, args.model_file)
+    if hf.is_hf_reference(plan.model):
+        return hf.architecture(target / hf.FOLDER)
+    return zoo_factory(plan.model)
+
+
+def _example_inputs(args: argparse.Namespace, plan: Plan, target: Path, model: nn.Module):
+    """Two samples of inputs to trace an export on: from --data (text lines for a Hugging Face
+    model, a tensor file, FILE.py:FACTORY or a zoo data set), or from the zoo model's data."""
+    source, data = _source(args, plan, target), args.data
+    if hf.is_hf_reference(source):
+        lines = hf.read_lines(data, 2) if data else ["A line to trace the model on.", "Another."]
+        return hf.batches(lines, hf.tokenizer(source.removeprefix(hf.PREFIX)))[0]
+    if data is not None and is_tensor_file(data):
+        return tensor_batches(data, "distill", 2, 2)[0][0]
+    if data is not None and is_file_reference(data):
+        return user_data(data, model, args.loss, calibration=2).example_inputs(2)
+    if data is not None:
+        return zoo_data(data, 8, 0).example_inputs(2)
+    if is_file_reference(source):
+        raise DataError("give --data: example inputs to trace the model on")
+    return zoo_data_of(source, 8, 0).example_inputs(2)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -473,6 +580,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for analysis.md, analysis.json and plots")
     _add_source(p)
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "export", help="write an artifact as ONNX (QDQ) or a torchao state dict (docs/export.md)"
+    )
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument(
+        "--model",
+        dest="model_file",
+        metavar="FILE.py:FACTORY | hf:PATH",
+        help="the architecture of an artifact made from your own model (never read from the artifact)",
+    )
+    _add_source(p, calibration=False)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="(re)write report.md and plots of an artifact")
     p.add_argument("directory")

@@ -31,3 +31,7 @@ class ModelError(AllotError):
 
 class DataError(AllotError):
     """An unknown data set, empty calibration data, or data that does not fit the model."""
+
+
+class ExportError(AllotError):
+    """A compressed layer has no form in the requested export format, or the export failed."""

@@ -248,3 +248,31 @@ def test_label():
     others = {g for g in GRIDS if g != Quant(4).grid}
     labels = {Quant(4, 64, grid=g).label() for g in others}
     assert len(labels) == 2 and all(label.startswith("quant4g64-") for label in labels)
+
+
+def test_an_artifact_saved_before_grids_reloads_with_its_float_offsets(digits, tmp_path):
+    import json
+
+    from allot import Budget, compress, load, save
+    from allot.methods import Method
+    from allot.schemes import Keep
+    from allot.zoo import create_model
+
+    method = Method(
+        "old", "float offsets", lambda layer: [Quant(4, grid="float-offset"), Keep()],
+        error_model="weight", allocator="uniform",
+    )  # fmt: skip
+    result = compress(
+        create_model("test-cnn"), digits, method, Budget("ratio", 4), model_name="test-cnn",
+        progress=False,
+    )  # fmt: skip
+    directory = save(result.model, result.plan, tmp_path / "art")
+    plan = json.loads((directory / "plan.json").read_text())
+    for layer in plan["layers"]:  # as an allot without grids wrote it
+        del layer["scheme"]["grid"]
+    (directory / "plan.json").write_text(json.dumps(plan))
+    model, loaded = load(directory)
+    assert all(layer.scheme.grid == "float-offset" for layer in loaded.layers)
+    x = digits.example_inputs(8)
+    with torch.no_grad():
+        assert torch.equal(model(x), result.model(x))

@@ -24,12 +24,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from allot import api
+from allot import api, hf, runtime
 from allot.budget import Budget
-from allot.data import Data, check_data
+from allot.data import Data, check_data, forward
 from allot.errors import ERROR_MODELS
 from allot.evaluate import file_bytes, latencies, macs, metrics, parameter_count
-from allot.exceptions import AllotError, ArtifactError, ConfigError, DataError
+from allot.exceptions import AllotError, ArtifactError, ConfigError, DataError, ExportError
+from allot.export import FORMATS
 from allot.files import read_json, staged_directory, write_json
 from allot.io import WEIGHTS, is_artifact_file, load, read_plan, write_artifact
 from allot.methods import METHODS, Method, get_method
@@ -47,12 +48,16 @@ from allot.source import (
     float_model,
     is_file_reference,
     is_tensor_file,
+    tensor_batches,
     user_data,
     zoo_data,
     zoo_data_of,
+    zoo_factory,
 )
 
 EVALUATION = "evaluation.json"
+ONNX_TOLERANCE = 1e-3
+"""Largest relative difference (max |onnx - allot| / max |allot|) an ONNX export may have."""
 console = Console()
 
 
@@ -60,6 +65,15 @@ def _data(args: argparse.Namespace, model_ref: str, model: nn.Module, data: str 
     """The data a command runs on: the zoo model's own data set, a zoo data set named by --data,
     or the user's data factory or tensor file (with --loss and --held-out)."""
     calibration, seed = getattr(args, "calibration", 512), getattr(args, "seed", 0)
+    if hf.is_hf_reference(model_ref):
+        if data is None or not data.endswith(".txt"):
+            raise DataError("an hf:PATH model needs --data FILE.txt, one calibration text a line")
+        if args.loss not in (None, "distill"):
+            raise DataError("text lines have no labels: their loss is distill")
+        directory = model_ref.removeprefix(hf.PREFIX)
+        return hf.text_data(data, model, hf.tokenizer(directory), calibration, args.held_out)
+    if data is not None and data.endswith(".txt"):
+        raise DataError("a text file of lines needs a Hugging Face model (--model hf:PATH)")
     if data is None:
         if is_file_reference(model_ref):
             raise DataError(
@@ -157,7 +171,11 @@ def _inputs(args: argparse.Namespace, ref: str | None) -> list[Path]:
 def cmd_compress(args: argparse.Namespace) -> None:
     ref = args.model_file or args.model
     if ref is None:
-        raise AllotError("name a zoo model (see `allot zoo list`) or give --model FILE.py:FACTORY")
+        raise AllotError(
+            "name a zoo model (see `allot zoo list`) or give --model FILE.py:FACTORY or hf:PATH"
+        )
+    if hf.is_hf_reference(ref):
+        ref = hf.PREFIX + str(Path(ref.removeprefix(hf.PREFIX)).expanduser().resolve())
     if args.model_file and args.model:
         raise AllotError("give either a zoo model name or --model FILE.py:FACTORY, not both")
     budget = _budget(args)
@@ -187,6 +205,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
         if args.weights:
             result.plan.metadata["float_weights"] = str(Path(args.weights).resolve())
         write_artifact(result.model, result.plan, staging)
+        if hf.is_hf_reference(ref):
+            hf.save_architecture(ref, staging)
         artifact_bytes = (staging / WEIGHTS).stat().st_size
         evaluation = {
             "float": float_evaluation,
@@ -228,14 +248,13 @@ def _refinement(args: argparse.Namespace) -> api.Refinement | None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     target = Path(args.target)
     if target.is_dir():
-        plan = read_plan(target)
-        if args.model_file is not None:
-            factory = file_factory(args.model_file)
-            model, plan = load(target, lambda: build(factory, args.model_file))
-        else:
-            model, plan = load(target)
+        model, plan = _load_artifact(args, target)
         reference = _artifact_reference(args, plan)
-        data = _data(args, plan.model, reference, args.data or _zoo_dataset(plan))
+        if args.kernels or args.cache_weights:
+            layout = runtime.prepare(model, kernels=args.kernels, cache=args.cache_weights)
+            counts = {label: list(layout.values()).count(label) for label in set(layout.values())}
+            console.print("runtime: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        data = _data(args, _source(args, plan, target), reference, args.data or _zoo_dataset(plan))
         size = (target / WEIGHTS).stat().st_size
         result = _evaluation(
             model, data, size, plan.ratio, file_bytes(reference) / size, args.latency, reference
@@ -244,16 +263,48 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         if not is_file_reference(args.target) and target.exists():
             raise ArtifactError(f"{target} is not an artifact directory")
+        if args.kernels or args.cache_weights:
+            raise AllotError("--kernels and --cache-weights apply to an artifact directory")
         model = float_model(args.target, args.weights)
         data = _data(args, args.target, model, args.data)
         result = _evaluation(model, data, file_bytes(model), 1.0, 1.0, args.latency, model)
         _print_evaluation(f"{args.target} (float)", result)
 
 
+def _load_artifact(args: argparse.Namespace, target: Path) -> tuple[nn.Module, Plan]:
+    """An artifact rebuilt on the architecture of the user's --model, of its own hf/ folder (a
+    Hugging Face model), or of the zoo model it names; never on code the artifact names."""
+    plan = read_plan(target)
+    if args.model_file is not None:
+        if hf.is_hf_reference(args.model_file):
+            return load(target, hf.architecture(args.model_file.removeprefix(hf.PREFIX)))
+        factory = file_factory(args.model_file)
+        return load(target, lambda: build(factory, args.model_file))
+    if hf.is_hf_reference(plan.model):
+        return load(target, hf.architecture(target / hf.FOLDER))
+    return load(target)
+
+
+def _source(args: argparse.Namespace, plan: Plan, target: Path) -> str:
+    """The model reference an artifact's data is read for: a Hugging Face artifact's tokenizer is
+    its own hf/ folder's (or the user's --model hf:PATH)."""
+    if args.model_file is None and hf.is_hf_reference(plan.model):
+        return hf.PREFIX + str(target / hf.FOLDER)
+    return args.model_file or plan.model
+
+
 def _artifact_reference(args: argparse.Namespace, plan: Plan) -> nn.Module:
     """The float model an artifact is compared with: the zoo model it names, or the user's own
-    --model with --weights (an artifact's recorded paths are never opened)."""
+    --model (FILE.py:FACTORY with --weights, or hf:PATH); an artifact's recorded paths are never
+    opened."""
+    if args.model_file is None and hf.is_hf_reference(plan.model):
+        raise ArtifactError(
+            "give --model hf:PATH, the float model to compare the artifact with (its recorded "
+            "path is not opened)"
+        )
     if args.model_file is not None:
+        if hf.is_hf_reference(args.model_file):
+            return float_model(args.model_file)
         if args.weights is None:
             raise ArtifactError(
                 "--model FILE.py:FACTORY needs --weights, the float weights to compare with"
@@ -269,7 +320,7 @@ def _zoo_dataset(plan: Plan) -> str | None:
     name = plan.metadata.get("dataset")
     if isinstance(name, str) and name in DATASETS:
         return name
-    if is_file_reference(plan.model):
+    if is_file_reference(plan.model) or hf.is_hf_reference(plan.model):
         raise DataError("the artifact was made on your own data: give it again with --data")
     return None
 
@@ -353,6 +404,68 @@ def _analysis(args: argparse.Namespace, method: Method) -> Sensitivity:
         f"{data.samples()} calibration samples, {result.seconds:.1f} s"
     )
     return result
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from allot.export import export
+    from allot.export.onnx import run_onnx
+
+    target = Path(args.artifact)
+    if not target.is_dir():
+        raise ArtifactError(f"{target} is not an artifact directory")
+    model, plan = _load_artifact(args, target)
+    out = Path(args.out)
+    if args.format == "torchao":
+        path = export(model, plan, "torchao", out, architecture=_architecture(args, plan, target))
+        console.print(f"torchao state dict: {path} ({path.stat().st_size:,} bytes)")
+        return
+    inputs = _example_inputs(args, plan, target, model)
+    path = export(model, plan, "onnx", out, inputs=inputs)
+    with torch.no_grad():
+        expected = forward(model, inputs)
+    got = torch.from_numpy(run_onnx(path, inputs)[0])
+    difference = float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-30))
+    if not difference <= ONNX_TOLERANCE:
+        raise ExportError(
+            f"onnxruntime's output differs from allot's by {difference:.2e} (relative), above "
+            f"{ONNX_TOLERANCE:g}; the export is not usable"
+        )
+    size, artifact = path.stat().st_size, (target / WEIGHTS).stat().st_size
+    console.print(
+        f"ONNX: {path} ({size:,} bytes, {size / artifact:.3f}x the artifact's weights file); "
+        f"onnxruntime matches allot within {difference:.1e} (max relative difference)"
+    )
+
+
+def _architecture(args: argparse.Namespace, plan: Plan, target: Path):
+    """The float architecture (a factory) an artifact was compressed from, never from code the
+    artifact names."""
+    if args.model_file is not None:
+        if hf.is_hf_reference(args.model_file):
+            return hf.architecture(args.model_file.removeprefix(hf.PREFIX))
+        factory = file_factory(args.model_file)
+        return lambda: build(factory, args.model_file)
+    if hf.is_hf_reference(plan.model):
+        return hf.architecture(target / hf.FOLDER)
+    return zoo_factory(plan.model)
+
+
+def _example_inputs(args: argparse.Namespace, plan: Plan, target: Path, model: nn.Module):
+    """Two samples of inputs to trace an export on: from --data (text lines for a Hugging Face
+    model, a tensor file, FILE.py:FACTORY or a zoo data set), or from the zoo model's data."""
+    source, data = _source(args, plan, target), args.data
+    if hf.is_hf_reference(source):
+        lines = hf.read_lines(data, 2) if data else ["A line to trace the model on.", "Another."]
+        return hf.batches(lines, hf.tokenizer(source.removeprefix(hf.PREFIX)))[0]
+    if data is not None and is_tensor_file(data):
+        return tensor_batches(data, "distill", 2, 2)[0][0]
+    if data is not None and is_file_reference(data):
+        return user_data(data, model, args.loss, calibration=2).example_inputs(2)
+    if data is not None:
+        return zoo_data(data, 8, 0).example_inputs(2)
+    if is_file_reference(source):
+        raise DataError("give --data: example inputs to trace the model on")
+    return zoo_data_of(source, 8, 0).example_inputs(2)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -535,6 +648,17 @@ def parser() -> argparse.ArgumentParser:
         help="the architecture of an artifact made from your own model (never read from the artifact)",
     )
     p.add_argument("--latency", action="store_true", help="measure CPU latency vs the float model")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="run quantized Linear layers on low-bit kernels where their layout allows "
+        "(bfloat16 activations; allot.runtime)",
+    )
+    p.add_argument(
+        "--cache-weights",
+        action="store_true",
+        help="keep every other compressed layer's dense weight (float memory and speed)",
+    )
     _add_source(p, calibration=False)
     p.set_defaults(func=cmd_evaluate)
 
@@ -551,6 +675,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for analysis.md, analysis.json and plots")
     _add_source(p)
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "export", help="write an artifact as ONNX (QDQ) or a torchao state dict (docs/export.md)"
+    )
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument(
+        "--model",
+        dest="model_file",
+        metavar="FILE.py:FACTORY | hf:PATH",
+        help="the architecture of an artifact made from your own model (never read from the artifact)",
+    )
+    _add_source(p, calibration=False)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="(re)write report.md and plots of an artifact")
     p.add_argument("directory")

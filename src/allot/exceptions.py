@@ -38,3 +38,7 @@ def shown(text: str, limit: int = 60) -> str:
     else its repr (a newline in a tensor name must not break the line), cut at `limit`."""
     text = text if text.isprintable() else repr(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ExportError(AllotError):
+    """A compressed layer has no form in the requested export format, or the export failed."""

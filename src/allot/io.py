@@ -29,6 +29,7 @@ from torch import nn
 from allot.apply import apply_structure
 from allot.exceptions import AllotError, ArtifactError, PlanError
 from allot.files import atomic_write, read_json, save_weights, staged_directory
+from allot.hf import FOLDER as HF_FOLDER
 from allot.modules.base import CompressedLayer
 from allot.plan import Plan
 from allot.source import build, zoo_factory
@@ -45,6 +46,8 @@ ARTIFACT_FILES = frozenset(
         "allocation.png",
         "damage.png",
         "pareto.png",
+        "report.html",
+        HF_FOLDER,
     }
 )
 """Every name allot writes into an artifact directory; `--out` may hold nothing else (allot never

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from allot import hf
 from allot.data import Data, Distill, as_data, loader_evaluation, supervised
 from allot.exceptions import AllotError, ArtifactError, DataError, ModelError, shown
 from allot.state import matched_state
@@ -100,8 +101,13 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def float_model(reference: str, weights: str | Path | None = None) -> nn.Module:
-    """The trained float model for a reference: a zoo model with its checkpoint, or a file factory
-    with `weights` (required for file references)."""
+    """The trained float model for a reference: a zoo model with its checkpoint, a Hugging Face
+    model directory (`hf:PATH`), or a file factory with `weights` (required for file
+    references)."""
+    if hf.is_hf_reference(reference):
+        if weights is not None:
+            raise ModelError("an hf:PATH model brings its own weights; drop --weights")
+        return hf.load_model(reference)
     if is_file_reference(reference):
         if weights is None:
             raise ModelError("a model given as FILE.py:FACTORY needs --weights W.safetensors")
@@ -116,6 +122,12 @@ def zoo_factory(reference: str) -> Callable[[], nn.Module]:
     """The architecture factory (weights not loaded) of the zoo model a plan names, for rebuilding
     its artifact. `ArtifactError` for anything else: a plan is untrusted, and a model file it
     names is never imported; the caller passes that factory."""
+    if hf.is_hf_reference(reference):
+        raise ArtifactError(
+            f"the artifact was made from the Hugging Face model {reference.removeprefix('hf:')}: "
+            "rebuild it from its own hf/ folder (allot.load(DIR, allot.hf.architecture(DIR / "
+            "'hf')), or with the allot CLI, which does)"
+        )
     if is_file_reference(reference):
         raise ArtifactError(
             f"the artifact was made from the model file {shown(reference.rpartition(':')[0])}, and "

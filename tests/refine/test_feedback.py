@@ -3,9 +3,12 @@ import torch
 
 from allot import Budget, compress
 from allot.exceptions import ConfigError
+from allot.methods import Method
+from allot.modules.quant import GRIDS, QuantizedLayer, dequantize
 from allot.profile.measure import mean_loss
 from allot.refine import get_refiner
 from allot.refine.feedback import feedback_target, refined_layers
+from allot.schemes import Keep, Quant
 from allot.schemes.steer import DAMPING
 from allot.stats import LayerStats
 from allot.zoo import create_model
@@ -48,6 +51,33 @@ def test_feedback_lowers_the_loss_of_a_steered_plan_and_stores_the_same(digits) 
     assert refined.plan.weight_bits == steered.plan.weight_bits
     assert refined_layers(refined.plan) == [layer.name for layer in refined.plan.layers]
     assert mean_loss(refined.model, digits) < mean_loss(steered.model, digits)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_feedback_keeps_each_grid_family(digits, grid: str) -> None:
+    def method(refine: str | None) -> Method:
+        return Method(
+            f"steered-{grid}",
+            "2-bit steered on one grid",
+            lambda layer: [Quant(2, None, "steered", grid), Keep()],
+            error_model="output",
+            allocator="uniform",
+            refine=refine,
+        )
+
+    def run(refine: str | None):
+        return compress(
+            create_model("test-cnn"), digits, method(refine), Budget("bits", 2), progress=False
+        )
+
+    steered, refined = run(None), run("feedback")
+    assert mean_loss(refined.model, digits) < mean_loss(steered.model, digits)
+    for layer in refined.plan.layers:
+        module = refined.model.get_submodule(layer.name)
+        assert isinstance(module, QuantizedLayer) and module.grid == grid
+        if grid != "float-offset":  # zero is still on every group's grid
+            stored = module.quant_grid()
+            assert bool((dequantize(stored.zero_points(), stored) == 0).all())
 
 
 def test_only_steered_layers_are_refined(digits) -> None:

@@ -60,7 +60,13 @@ def test_json_nests_and_deep_or_broken_nesting_is_refused() -> None:
     scheme = parse_scheme("quant:1+sparse:0.02")
     assert scheme == Sum((Quant(1), Sparse(0.02)))
     data = scheme.to_json()
-    assert data["parts"][0] == {"kind": "quant", "bits": 1, "group": None, "rounding": "nearest"}
+    assert data["parts"][0] == {
+        "kind": "quant",
+        "bits": 1,
+        "group": None,
+        "rounding": "nearest",
+        "grid": "symmetric",
+    }
     assert scheme.label() == "quant1+sparse0.02"
     broken = {**data, "parts": [data["parts"][0], {"kind": "sparse", "density": 7}]}
     with pytest.raises(PlanError, match=r"parts\[1\]"):

@@ -9,6 +9,7 @@ scheme promises are the bytes a saved artifact really takes.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +52,14 @@ class CompressedLayer(nn.Module, abc.ABC):
     Subclasses register their stored tensors (buffers or parameters) and implement `reconstruct`.
     The bias, when the spec has one, is a float32 parameter named `bias`; when `bias` is not given
     it starts at zero (for a module about to receive a state dict).
+
+    `runner`, when set (only by `allot.runtime`, on request), computes the layer's outputs instead
+    of rebuilding the dense weight on every call: a cached dense weight or a low-bit kernel. It
+    runs only without gradients (inference), so training and anything differentiated always see
+    the stored tensors.
     """
+
+    runner: Callable[[CompressedLayer, Tensor], Tensor] | None = None
 
     def __init__(self, spec: LayerSpec, bias: Tensor | None = None) -> None:
         super().__init__()
@@ -79,6 +87,8 @@ class CompressedLayer(nn.Module, abc.ABC):
                 raise ConfigError(f"{name} holds NaN or infinite values")
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.runner is not None and not torch.is_grad_enabled():
+            return self.runner(self, x)
         return self.spec.forward(x, self.reconstruct(), self.bias)
 
     @abc.abstractmethod

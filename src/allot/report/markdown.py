@@ -14,6 +14,7 @@ from typing import Any
 from allot.exceptions import PlanError
 from allot.files import atomic_write, write_json
 from allot.plan import Plan
+from allot.report.html import REPORT_HTML, write_html
 from allot.sensitivity import Sensitivity
 
 REPORT = "report.md"
@@ -95,10 +96,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: Path) -> Path:
-    """Write `report.md` and its plots into `directory`; `evaluation` maps a model label ("float",
-    "compressed") to its metrics and sizes. Returns the report's path."""
+    """Write `report.md` and its plots, and the same plots in one page, `report.html`, into
+    `directory`; `evaluation` maps a model label ("float", "compressed") to its metrics and
+    sizes. Returns the markdown report's path."""
     directory = Path(directory)
     meta = checked_metadata(plan)
+    write_html(plan, evaluation, directory)
     lines = [
         f"# allot report: {plan.model}",
         "",
@@ -147,7 +150,7 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
         lines += [f"- `{name}`: {reason}" for name, reason in plan.skipped.items()]
     for note in meta["notes"]:
         lines += ["", f"Note: {note}"]
-    lines += ["", "## Plots", ""]
+    lines += ["", "## Plots", "", f"All plots in one page: [{REPORT_HTML}]({REPORT_HTML}).", ""]
     plots = _plots()
     if plots is None:
         lines += [NO_PLOTS]

@@ -1,15 +1,20 @@
-"""Quant: uniform quantization with per-channel or per-group float16 scales.
+"""Quant: uniform quantization with per-channel or per-group float16 scales, on one of three grids.
 
 Storage of a layer with `n = out * fan_in` weights and `G = out * fan_in / group` groups
 (`G = out` without a group size), in bits:
-- bits >= 2: 8 * ceil(n * bits / 8) for the packed codes + 16 * G for scales + 16 * G for offsets;
-- bits == 1: 8 * ceil(n / 8) + 16 * G (scaled sign: no offset).
+- codes: 8 * ceil(n * bits / 8) (bit-packed);
+- scales: 16 * G (float16);
+- bits >= 2 on a `float-offset` grid: + 16 * G for the float16 offsets;
+- bits >= 2 on a `zero-point` grid: + 8 * ceil(G * bits / 8) for the integer zero points,
+  bit-packed at `bits` bits each;
+- `symmetric` grids and bits == 1 (the scaled sign) store nothing more.
+The grids are defined in `allot.modules.quant`, and how they are fitted in `allot.schemes.grid`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
@@ -17,7 +22,15 @@ from allot.discover import LayerSpec, fold_weight_2d
 from allot.exceptions import ConfigError
 from allot.modules.base import check_layer_tensors
 from allot.modules.packing import packed_nbytes
-from allot.modules.quant import QuantizedLayer, group_count
+from allot.modules.quant import (
+    FLOAT_OFFSET,
+    GRIDS,
+    SYMMETRIC,
+    ZERO_POINT,
+    QuantizedLayer,
+    group_count,
+    stored_grid,
+)
 from allot.schemes.base import Scheme, check_int_field, register_scheme
 from allot.schemes.grid import quantize_rtn
 from allot.schemes.steer import steer
@@ -30,19 +43,33 @@ MAX_BITS = 8
 
 ROUNDINGS = ("nearest", "steered")
 
+DEFAULT_GRID = FLOAT_OFFSET
+"""The grid of new `Quant` schemes (and of every method's candidates)."""
+
+LEGACY_GRID = FLOAT_OFFSET
+"""The grid of a plan's quant scheme whose JSON has no `grid` field (plans written before grids
+were an option): what those plans meant."""
+
+_LABELS = {FLOAT_OFFSET: "offset", ZERO_POINT: "zp", SYMMETRIC: "sym"}
+
 
 @register_scheme
 @dataclasses.dataclass(frozen=True)
 class Quant(Scheme):
     """`bits`-bit uniform quantization, scales per output channel or per `group` consecutive
-    fan-in entries; `quant:4`, `quant:4:g64`. `rounding="steered"` (`quant:4:steered`) chooses
-    clipping and codes to keep the error out of high-curvature directions (`allot.schemes.steer`;
-    needs the layer's profile) and stores exactly what round-to-nearest stores."""
+    fan-in entries, on a `grid`: `float-offset`, `zero-point` (integer zero point: zero exactly
+    representable) or `symmetric` (see `allot.modules.quant`; 1-bit grids are the scaled sign,
+    stored as `symmetric`). String forms `quant:BITS[:gGROUP][:GRID][:steered]`: `quant:4`,
+    `quant:4:g64`, `quant:4:zero-point`, `quant:3:g128:symmetric:steered`.
+    `rounding="steered"` chooses clipping and codes to keep the error out of high-curvature
+    directions (`allot.schemes.steer`; needs the layer's profile) and stores exactly what
+    round-to-nearest stores."""
 
     kind: ClassVar[str] = "quant"
     bits: int
     group: int | None = None
     rounding: str = "nearest"
+    grid: str = DEFAULT_GRID
 
     def __post_init__(self) -> None:
         check_int_field("Quant", "bits", self.bits, 1, MAX_BITS)
@@ -52,18 +79,25 @@ class Quant(Scheme):
             raise ConfigError(
                 f"Quant.rounding must be one of {ROUNDINGS}, got {self.rounding!r:.40}"
             )
+        object.__setattr__(self, "grid", stored_grid(self.bits, self.grid))
 
     def label(self) -> str:
         group = f"g{self.group}" if self.group is not None else ""
-        return f"quant{self.bits}{group}" + ("-steered" if self.rounding == "steered" else "")
+        grid = "" if self.bits == 1 or self.grid == DEFAULT_GRID else f"-{_LABELS[self.grid]}"
+        steered = "-steered" if self.rounding == "steered" else ""
+        return f"quant{self.bits}{group}{grid}{steered}"
 
     def check(self, spec: LayerSpec) -> None:
         group_count(spec.fan_in, self.group)
 
     def storage_bits(self, spec: LayerSpec) -> int:
         groups = spec.out_features * group_count(spec.fan_in, self.group)
-        tables = 1 if self.bits == 1 else 2  # scale, plus offset for bits >= 2
-        return 8 * packed_nbytes(spec.numel, self.bits) + 16 * tables * groups
+        tables = 16 * groups  # float16 scales
+        if self.grid == FLOAT_OFFSET:
+            tables += 16 * groups
+        elif self.grid == ZERO_POINT:
+            tables += 8 * packed_nbytes(groups, self.bits)
+        return 8 * packed_nbytes(spec.numel, self.bits) + tables
 
     def compress(
         self,
@@ -75,8 +109,8 @@ class Quant(Scheme):
         check_layer_tensors(spec, weight, bias)
         self.check(spec)
         if self.rounding == "nearest":
-            codes, scale, offset = quantize_rtn(fold_weight_2d(weight), self.bits, self.group)
-            return QuantizedLayer.from_codes(spec, self.bits, codes, scale, offset, bias)
+            codes, grid = quantize_rtn(fold_weight_2d(weight), self.bits, self.group, self.grid)
+            return QuantizedLayer.from_codes(spec, codes, grid, bias)
         if profile is None:
             raise ConfigError(
                 f"{self.label()} fits to calibration data: give the layer's profile (allot.api "
@@ -92,7 +126,8 @@ class Quant(Scheme):
     def refit(
         self, target: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats
     ) -> QuantizedLayer:
-        """Steered codes of `target` under `stats`, the grid re-fitted to them by least squares."""
+        """Steered codes of `target` under `stats`, the grid re-fitted to them by least squares
+        within its family (`allot.schemes.steer.refit_grid`)."""
         if not self.refits:
             return super().refit(target, bias, spec, stats)
         return self.fit_steered(target, bias, spec, stats, refit=True)
@@ -105,24 +140,34 @@ class Quant(Scheme):
         stats: LayerStats,
         refit: bool = False,
     ) -> QuantizedLayer:
-        """Steered codes of `weight` under the input second moments `stats` (this scheme's bits
-        and grouping, whatever its rounding); `refit` re-fits the grid to the codes (`steer`)."""
+        """Steered codes of `weight` under the input second moments `stats` (this scheme's bits,
+        grouping and grid, whatever its rounding); `refit` re-fits the grid to the codes
+        (`steer`)."""
         groups = group_count(spec.fan_in, self.group)
-        codes, scale, offset = steer(fold_weight_2d(weight), self.bits, groups, stats, refit)
-        return QuantizedLayer.from_codes(spec, self.bits, codes, scale, offset, bias)
+        codes, grid = steer(fold_weight_2d(weight), self.bits, groups, self.grid, stats, refit)
+        return QuantizedLayer.from_codes(spec, codes, grid, bias)
 
     def empty(self, spec: LayerSpec) -> QuantizedLayer:
         self.check(spec)
-        return QuantizedLayer(spec, self.bits, self.group)
+        return QuantizedLayer(spec, self.bits, self.group, grid=self.grid)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], where: str, depth: int) -> Scheme:
+        """As `Scheme.from_params`; a plan without a `grid` field means `LEGACY_GRID`."""
+        return super().from_params({"grid": LEGACY_GRID, **params}, where, depth)
 
     @classmethod
     def parse_args(cls, args: list[str]) -> Quant:
-        usage = "expected quant:BITS[:gGROUP][:steered], e.g. quant:4:g64 or quant:3:steered"
-        if not 1 <= len(args) <= 3:
+        usage = (
+            "expected quant:BITS[:gGROUP][:GRID][:steered] with GRID one of "
+            f"{', '.join(GRIDS)}, e.g. quant:4:g64, quant:4:zero-point or quant:3:steered"
+        )
+        if not 1 <= len(args) <= 4:
             raise ValueError(usage)
         bits, *rest = args
         rounding = "steered" if rest and rest[-1] == "steered" else "nearest"
         rest = rest[:-1] if rounding == "steered" else rest
+        grid = rest.pop() if rest and rest[-1] in GRIDS else DEFAULT_GRID
         if len(rest) > 1 or (rest and not rest[0].startswith("g")):
             raise ValueError(usage)
-        return cls(int(bits), int(rest[0][1:]) if rest else None, rounding)
+        return cls(int(bits), int(rest[0][1:]) if rest else None, rounding, grid)

@@ -17,8 +17,8 @@ directions where the real curvature is far above the model's and raised the meas
 100-fold (docs/cet.md).
 
 Per row, in three steps, each judged by f:
-1. grid: the clipping of the min-max range (scales and offsets) from `CLIPS` whose
-   round-to-nearest codes give the lowest f;
+1. grid: the clipping of the min-max range from `CLIPS` whose round-to-nearest codes give the
+   lowest f (on the layer's grid kind: float offset, integer zero point, or symmetric);
 2. rounding: sequential rounding over the columns, each column's rounding error compensated on the
    columns not yet rounded through the Cholesky factor of M^-1 (the optimal brain quantizer /
    GPTQ update);
@@ -28,8 +28,11 @@ steering never predicts more damage than round-to-nearest on the same grid.
 
 With `refit` (error feedback asks for it), `REFITS` more rounds follow, each kept by a row only if
 it lowers f:
-4. grid re-fit: with the codes fixed, f is quadratic in the row's offsets and scales, so they are
-   solved for exactly (least squares under M), then stored as float16;
+4. grid re-fit (`refit_grid`): with the codes fixed, f is quadratic in the row's grid, so it is
+   solved for exactly (least squares under M) within the grid's family: offsets and scales
+   (float-offset); offsets and scales, then the zero point rounded to the integer nearest
+   -offset / scale and the scales solved again with it fixed (zero-point); scales alone with the
+   zero point fixed at the midpoint (symmetric); scales and offsets stored as float16;
 5. refinement (step 3) on the re-fitted grid.
 Steps 1-3 choose the grid by its round-to-nearest codes; at 2 bits the best grid for the steered
 codes is far from it (on ResNet-20 the re-fit lowers the calibration loss of error feedback's 2-bit
@@ -41,8 +44,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from allot.modules.quant import FLOAT_OFFSET, ZERO_POINT, QuantGrid
 from allot.profile.activations import damped_cholesky
-from allot.schemes.grid import grid_levels, quant_grid, round_to_grid
+from allot.schemes.grid import quant_grid, round_to_grid
 from allot.stats import LayerStats
 
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
@@ -52,77 +56,106 @@ DAMPING = 0.01
 
 
 def steer(
-    weight_2d: Tensor, bits: int, groups: int, stats: LayerStats, refit: bool = False
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Steered `(codes, scale, offset)` of a folded (out, fan_in) weight, in the stored form of
-    `QuantizedLayer` (as `quantize_rtn` returns them), with `groups` scale groups per row and
-    `stats` the layer's calibration input statistics; `refit` re-fits the grid to the codes."""
+    weight_2d: Tensor,
+    bits: int,
+    groups: int,
+    grid: str,
+    stats: LayerStats,
+    refit: bool = False,
+) -> tuple[Tensor, QuantGrid]:
+    """Steered codes (int64, (out, fan_in)) of a folded weight and their stored grid of kind
+    `grid` (as `quantize_rtn` returns them), with `groups` scale groups per row and `stats` the
+    layer's calibration input statistics; `refit` re-fits the grid to the codes."""
     out, fan_in = weight_2d.shape
     w = weight_2d.detach().double()
     objective = _Objective(stats.input_cov.double() / stats.samples)
 
     grouped = w.reshape(out, groups, -1)
-    rtn, scale, offset, rtn_value = _round_on(grouped, bits, CLIPS[0], objective, w)
+    rtn, fitted, rtn_value = _round_on(grouped, bits, CLIPS[0], grid, objective, w)
     for clip in CLIPS[1:]:
-        codes, clip_scale, clip_offset, value = _round_on(grouped, bits, clip, objective, w)
+        codes, clipped, value = _round_on(grouped, bits, clip, grid, objective, w)
         better = value < rtn_value
         rtn = torch.where(better[:, None], codes, rtn)
-        scale = torch.where(better[:, None], clip_scale, scale)
-        if offset is not None and clip_offset is not None:
-            offset = torch.where(better[:, None], clip_offset, offset)
+        fitted = fitted.select(better, clipped)
         rtn_value = torch.where(better, value, rtn_value)
 
-    low, step = _per_weight(bits, scale, offset, fan_in)
+    low, step = _per_weight(fitted, fan_in)
     levels = 1 if bits == 1 else 2**bits - 1
     codes = _sequential(w, low, step, levels, objective.second)
     codes = _refine(codes, w, low, step, levels, objective)
     keep_rtn = rtn_value <= objective(low + step * codes - w)
     codes = torch.where(keep_rtn[:, None], rtn, codes.to(torch.int64))
-    if refit and offset is not None:
-        codes, scale, offset = _refit(codes, w, bits, scale, offset, objective)
-    return codes, scale, offset
+    if refit and bits > 1:
+        codes, fitted = _refit(codes, w, fitted, objective)
+    return codes, fitted
 
 
 def _refit(
-    codes: Tensor, w: Tensor, bits: int, scale: Tensor, offset: Tensor, objective: _Objective
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`REFITS` rounds of grid least squares then code refinement; a row takes a round's
-    `(codes, scale, offset)` only if they lower its f."""
-    value = objective(_dequantize(codes, bits, scale, offset) - w)
+    codes: Tensor, w: Tensor, grid: QuantGrid, objective: _Objective
+) -> tuple[Tensor, QuantGrid]:
+    """`REFITS` rounds of grid least squares then code refinement; a row takes a round's codes
+    and grid only if they lower its f."""
+    value = objective(_dequantize(codes, grid) - w)
     for _ in range(REFITS):
-        fitted_offset, fitted_scale = grid_least_squares(
-            codes.double(), w, scale.shape[1], objective.second
-        )
-        usable = (
-            torch.isfinite(fitted_scale) & (fitted_scale > 0) & torch.isfinite(fitted_offset)
-        ).all(1)
-        new_scale = torch.where(usable[:, None], fitted_scale, scale)
-        new_offset = torch.where(usable[:, None], fitted_offset, offset)
-        low, step = _per_weight(bits, new_scale, new_offset, w.shape[1])
-        new_codes = _refine(codes.double(), w, low, step, 2**bits - 1, objective).to(torch.int64)
-        new_value = objective(_dequantize(new_codes, bits, new_scale, new_offset) - w)
+        new_grid = refit_grid(codes, w, grid, objective.second)
+        low, step = _per_weight(new_grid, w.shape[1])
+        levels = 2**grid.bits - 1
+        new_codes = _refine(codes.double(), w, low, step, levels, objective).to(torch.int64)
+        new_value = objective(_dequantize(new_codes, new_grid) - w)
         better = new_value < value
         codes = torch.where(better[:, None], new_codes, codes)
-        scale = torch.where(better[:, None], new_scale, scale)
-        offset = torch.where(better[:, None], new_offset, offset)
+        grid = grid.select(better, new_grid)
         value = torch.where(better, new_value, value)
-    return codes, scale, offset
+    return codes, grid
+
+
+def refit_grid(codes: Tensor, w: Tensor, grid: QuantGrid, second: Tensor) -> QuantGrid:
+    """The grid of `grid`'s kind minimising every row's f_r(d) = d_r' M d_r for the fixed integer
+    `codes` (out, fan_in) of the float64 weight `w` (M = `second`): least squares over offsets and
+    scales (float-offset); over offsets and scales, then the zero point rounded to the integer
+    nearest -offset / scale (clamped to the code range) and the scales solved again with it fixed
+    (zero-point); over scales with the zero point fixed at the midpoint (symmetric). Scales and
+    offsets are rounded to float16. A row whose system is singular or whose solution is not finite
+    or has a scale <= 0 keeps `grid`'s tables."""
+    groups = grid.scale.shape[1]
+    levels = 2**grid.bits - 1
+    codes = codes.double()
+    zero = grid.zero_points()
+    if grid.kind == FLOAT_OFFSET:
+        offset, scale = grid_least_squares(codes, w, groups, second)
+        fitted = QuantGrid(grid.bits, grid.kind, scale.to(torch.float16), offset.to(torch.float16))
+    else:
+        if grid.kind == ZERO_POINT:
+            offset, scale = grid_least_squares(codes, w, groups, second)
+            ratio = -offset / torch.where(scale > 0, scale, torch.nan)
+            solved = torch.isfinite(ratio).all(1, keepdim=True)
+            zero = torch.where(solved, ratio.nan_to_num().round().clamp(0, levels), zero)
+            zero = zero.to(torch.int64)
+        size = w.shape[1] // groups
+        shifted = codes - zero.double().repeat_interleave(size, dim=1)
+        _, scale = grid_least_squares(shifted, w, groups, second, offsets=False)
+        stored_zero = zero if grid.kind == ZERO_POINT else None
+        fitted = QuantGrid(grid.bits, grid.kind, scale.to(torch.float16), zero=stored_zero)
+    tables = [fitted.scale] + [t for t in (fitted.offset,) if t is not None]
+    usable = (fitted.scale > 0).all(1)
+    for table in tables:
+        usable &= torch.isfinite(table).all(1)
+    return grid.select(usable, fitted)
 
 
 def grid_least_squares(
-    codes: Tensor, w: Tensor, groups: int, second: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Float16 `(offset, scale)` (out, groups) minimising every row's f_r(d) = d_r' M d_r with
+    codes: Tensor, w: Tensor, groups: int, second: Tensor, offsets: bool = True
+) -> tuple[Tensor | None, Tensor]:
+    """Float64 `(offset, scale)` (out, groups) minimising every row's f_r(d) = d_r' M d_r with
     d = offset_g + scale_g * codes - w on each group g, the codes fixed (all float64 in; M =
-    `second`, fan_in x fan_in). A row whose system is singular or whose solution does not fit
-    float16 gets non-finite values, for the caller to reject."""
+    `second`, fan_in x fan_in); without `offsets`, the scales alone for d = scale_g * codes - w
+    (offset None). A row whose system is singular gets NaN, for the caller to reject."""
     out, fan_in = w.shape
     size = fan_in // groups
     grouped = codes.reshape(out, groups, size)
     # Normal equations per row over theta = (offsets, scales): blocks 1'M1, 1'Mc, c'Mc and
     # right-hand sides 1'Mw, c'Mw, group by group, without forming the (out, fan_in, 2 groups)
     # design.
-    ones = second.reshape(groups, size, groups, size).sum((1, 3))
     ones_codes = torch.empty(out, groups, groups, dtype=w.dtype)
     codes_codes = torch.empty(out, groups, groups, dtype=w.dtype)
     for h in range(groups):
@@ -130,26 +163,32 @@ def grid_least_squares(
         ones_codes[:, :, h] = product.sum(-1)
         codes_codes[:, :, h] = (product * grouped).sum(-1)
     weighted = (w @ second).reshape(out, groups, size)
-    normal = torch.cat(
-        [
-            torch.cat([ones.expand(out, groups, groups), ones_codes], 2),
-            torch.cat([ones_codes.transpose(1, 2), codes_codes], 2),
-        ],
-        1,
-    )
-    right = torch.cat([weighted.sum(-1), (weighted * grouped).sum(-1)], 1)
+    right = (weighted * grouped).sum(-1)
+    normal = codes_codes
+    if offsets:
+        ones = second.reshape(groups, size, groups, size).sum((1, 3))
+        normal = torch.cat(
+            [
+                torch.cat([ones.expand(out, groups, groups), ones_codes], 2),
+                torch.cat([ones_codes.transpose(1, 2), codes_codes], 2),
+            ],
+            1,
+        )
+        right = torch.cat([weighted.sum(-1), right], 1)
     theta, info = torch.linalg.solve_ex(normal, right)
-    theta = torch.where((info == 0)[:, None], theta, torch.nan).to(torch.float16)
+    theta = torch.where((info == 0)[:, None], theta, torch.nan)
+    if not offsets:
+        return None, theta
     return theta[:, :groups], theta[:, groups:]
 
 
 def _round_on(
-    grouped: Tensor, bits: int, clip: float, objective: _Objective, w: Tensor
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    grouped: Tensor, bits: int, clip: float, grid: str, objective: _Objective, w: Tensor
+) -> tuple[Tensor, QuantGrid, Tensor]:
     """Round-to-nearest codes (out, fan_in) on the grid clipped by `clip`, the grid, and f."""
-    scale, offset = quant_grid(grouped, bits, clip)
-    codes = round_to_grid(grouped, bits, scale, offset).reshape(w.shape)
-    return codes, scale, offset, objective(_dequantize(codes, bits, scale, offset) - w)
+    fitted = quant_grid(grouped, bits, grid, clip)
+    codes = round_to_grid(grouped, fitted).reshape(w.shape)
+    return codes, fitted, objective(_dequantize(codes, fitted) - w)
 
 
 class _Objective:
@@ -162,21 +201,16 @@ class _Objective:
         return ((delta @ self.second) * delta).sum(1)
 
 
-def _per_weight(
-    bits: int, scale: Tensor, offset: Tensor | None, fan_in: int
-) -> tuple[Tensor, Tensor]:
+def _per_weight(grid: QuantGrid, fan_in: int) -> tuple[Tensor, Tensor]:
     """The grid's (lowest value, step), float64, repeated to every weight: (out, fan_in)."""
-    low, step = grid_levels(bits, scale, offset)
+    low, step = grid.levels()
     size = fan_in // low.shape[1]
     return low.repeat_interleave(size, dim=1), step.repeat_interleave(size, dim=1)
 
 
-def _dequantize(codes: Tensor, bits: int, scale: Tensor, offset: Tensor | None) -> Tensor:
-    out, fan_in = codes.shape
-    low, step = grid_levels(bits, scale, offset)
-    return (low[..., None] + step[..., None] * codes.reshape(out, low.shape[1], -1)).reshape(
-        out, fan_in
-    )
+def _dequantize(codes: Tensor, grid: QuantGrid) -> Tensor:
+    low, step = _per_weight(grid, codes.shape[1])
+    return low + step * codes
 
 
 def _sequential(w: Tensor, low: Tensor, step: Tensor, levels: int, second: Tensor) -> Tensor:

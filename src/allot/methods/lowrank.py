@@ -6,8 +6,9 @@ r (out + fan_in) numbers, so the grids offer the ranks 1..r0 with r0 (out + fan_
 (the break-even rank `break_even`), thinned evenly to at most a fixed count per layer, and `Keep`.
 
 - `lowrank-lossless`: whitened SVD at every grid rank, ranks per layer by the exact knapsack on
-  the second-order damage of each candidate (one HVP each, as CET), then the joint step
-  (`allot.refine.joint`: error feedback and the loss-aware factor update).
+  each candidate's measured loss change (its layer alone cut; the second-order damage of one HVP
+  per candidate, as CET, underestimates large cuts of confident classifiers: docs/lowrank.md),
+  then the joint step (`allot.refine.joint`: error feedback and the loss-aware factor update).
 - `lowrank-compact`: the same candidates, searched by greedy rank cuts accepted while the measured
   calibration loss stays at or below the float model's, alternating with the joint step
   (`allot.search`, `compact`); it runs under a lossless budget unless given another.
@@ -27,7 +28,8 @@ from allot.methods.baselines import RANK_FRACTIONS, smaller_or_keep
 from allot.schemes import Keep, LowRank, Scheme
 
 WHITENED_RANKS = 32
-"""Most whitened ranks per layer on the lossless and compact grids (each costs one HVP)."""
+"""Most whitened ranks per layer on the lossless and compact grids (each costs one pass over the
+calibration data to measure)."""
 ENERGY_RANKS = 64
 """Most ranks per layer on the SVD-Energy grid (all of them on the benchmark CNNs)."""
 
@@ -70,10 +72,10 @@ def uniform_whitened_grid(layer: Layer) -> list[Scheme]:
 for method in (
     Method(
         "lowrank-lossless",
-        "whitened SVD, ranks by exact knapsack on the second-order loss change, then the joint "
-        "step",
+        "whitened SVD, ranks by exact knapsack on each candidate's measured loss change, then "
+        "the joint step",
         whitened_grid,
-        error_model="second-order",
+        error_model="measured",
         refine="joint",
     ),
     Method(
@@ -81,7 +83,7 @@ for method in (
         "whitened SVD, greedy rank cuts kept while the measured calibration loss stays at or "
         "below float's (lossless budget by default)",
         whitened_grid,
-        error_model="second-order",
+        error_model="measured",
         refine="joint",
         search="compact",
         budget=Budget("lossless"),

@@ -1,13 +1,15 @@
-"""What every benchmark script shares: the run's environment record, its command line, and
-writing figures atomically."""
+"""What every benchmark script shares: the run's environment record, its command line, writing
+figures atomically, and the journal that lets a long run resume."""
 
 from __future__ import annotations
 
 import io
+import json
 import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from allot.files import atomic_write
+from allot.files import atomic_write, write_json
 from allot.zoo import Dataset
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,3 +76,49 @@ def save_figure(figure: plt.Figure, path: Path, dpi: int = 110) -> None:
     figure.savefig(buffer, format="png", dpi=dpi)
     plt.close(figure)
     atomic_write(path, buffer.getvalue())
+
+
+class Journal:
+    """Finished rows of a long benchmark run, written to `path` (atomically) after each row, so a
+    run started again with the same `key` (model, calibration size, seed, ...) takes them from
+    there instead of running them again. Rows are identified by `row_key` (by default their
+    `method` and `budget`); each row made in this run is marked with the code that made it."""
+
+    def __init__(
+        self,
+        path: Path,
+        key: dict,
+        row_key: Callable[[dict], tuple] = lambda row: (row["method"], row["budget"]),
+    ) -> None:
+        self.path = path
+        self.key = key
+        self.code = code_version()
+        self.rows: list[dict] = []
+        self.done: dict[tuple, dict] = {}
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved["key"] != key:
+                raise SystemExit(
+                    f"{path} holds rows of another run ({saved['key']}, not {key}); "
+                    "delete it to start afresh"
+                )
+            print(f"resuming: {len(saved['rows'])} journaled rows in {path}", flush=True)
+            self.done = {row_key(row): row for row in saved["rows"]}
+
+    def add(self, row: dict) -> dict:
+        """Append a finished row, marked with the code that made it, and journal it."""
+        row["code"] = self.code
+        self.rows.append(row)
+        write_json(self.path, {"key": self.key, "rows": self.rows})
+        return row
+
+    def resume(self, key: tuple) -> dict | None:
+        """The row an earlier run finished under `key` (appended to the rows), or None."""
+        row = self.done.get(key)
+        if row is not None:
+            self.rows.append(row)
+        return row
+
+    def finish(self) -> None:
+        """The run is written out: the journal is no longer needed."""
+        self.path.unlink(missing_ok=True)

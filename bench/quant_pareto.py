@@ -42,7 +42,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from common import RESULTS, code_version, command, environment, save_figure
+from common import RESULTS, Journal, command, environment, save_figure
 from peers import Peer, all_peers
 from peers.base import ratio as peer_ratio
 from torch import nn
@@ -126,10 +126,9 @@ class Bench:
         previous: Sequence[Path] = (),
     ) -> None:
         self.key = {"model": model_name, "calibration": calibration, "seed": seed}
-        self.code = code_version()
-        self.journal = journal
+        self.journal = Journal(journal, self.key, row_key)
+        self.code = self.journal.code
         self.previous = self._previous_rows(previous)
-        self.done = {**self.previous, **self._finished_rows()}
         self.model_name = model_name
         self.seed = seed
         self.model = create_model(model_name)
@@ -151,18 +150,6 @@ class Bench:
         }
         self.rows: list[dict] = [self.float_row]
 
-    def _finished_rows(self) -> dict[tuple[str, str], dict]:
-        if not self.journal.exists():
-            return {}
-        saved = json.loads(self.journal.read_text())
-        if saved["key"] != self.key:
-            raise SystemExit(
-                f"{self.journal} holds rows of another run ({saved['key']}, not {self.key}); "
-                "delete it to start afresh"
-            )
-        print(f"resuming: {len(saved['rows']) - 1} finished rows in {self.journal}", flush=True)
-        return {row_key(row): row for row in saved["rows"][1:]}
-
     def _previous_rows(self, files: Sequence[Path]) -> dict[Key, dict]:
         """The rows of earlier results files of the same run key (later files win)."""
         rows: dict[Key, dict] = {}
@@ -180,14 +167,13 @@ class Bench:
 
     def add(self, row: dict) -> None:
         """Append a finished row, marked with the code that made it, and journal it."""
-        row["code"] = self.code
-        self.rows.append(row)
-        write_json(self.journal, {"key": self.key, "rows": self.rows})
+        self.rows.append(self.journal.add(row))
 
     def resume(self, method: str, grid: str | None, budget: str) -> bool:
         """Take the row of (method, grid, budget) from the journal or the previous results if an
         earlier run finished it."""
-        row = self.done.get((method, grid, budget))
+        key = (method, grid, budget)
+        row = self.journal.resume(key) or self.previous.get(key)
         if row is not None:
             self.rows.append(row)
         return row is not None
@@ -577,7 +563,7 @@ def main() -> None:
     pareto_plot(results, RESULTS / f"{stem}.png")
     text = markdown(results, results["command"], f"{stem}.png")
     atomic_write(RESULTS / f"{stem}.md", text.encode())
-    journal.unlink()
+    journal.unlink(missing_ok=True)
     print(text)
 
 

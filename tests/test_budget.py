@@ -51,3 +51,15 @@ def test_a_damage_limit_is_any_finite_number_and_limits_no_size() -> None:
             Budget("damage", bad)
     with pytest.raises(BudgetError, match="damage budget has no size limit"):
         weight_bits_limit(budget, 10, 0, None)
+
+
+def test_a_loss_tolerance_is_a_measured_budget() -> None:
+    budget = Budget("loss", 0.02)
+    assert budget.measured and not budget.is_size and budget.tolerance == 0.02
+    assert budget.describe() == "calibration loss <= float + 0.02"
+    assert Budget.from_json(budget.to_json()) == budget
+    assert Budget("lossless").measured and Budget("lossless").tolerance == 0.0
+    assert not Budget("ratio", 2).measured
+    for bad in (-0.1, float("nan"), float("inf"), None):
+        with pytest.raises(BudgetError, match="loss tolerance must be a finite number >= 0"):
+            Budget("loss", bad)

@@ -71,6 +71,9 @@ def test_cet_under_a_damage_limit_reports_prediction_geometry_and_pareto(tmp_pat
         assert torch.isfinite(model.eval()(torch.randn(2, 1, 8, 8))).all()
 
 
+QUANT4 = ["compress", "test-cnn", "--method", "uniform-quant", "--bits", "4"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -82,6 +85,13 @@ def test_cet_under_a_damage_limit_reports_prediction_geometry_and_pareto(tmp_pat
         (["compress", "test-cnn", "--method", "uniform-quant"], "give a budget"),
         (["compress", "test-cnn", "--method", "uniform-quant", "--ratio", "0.5"], ">= 1"),
         (["evaluate", "does-not-exist"], "unknown zoo model"),
+        # hostile ranks, pinned from the command line
+        ([*QUANT4, "--pin", "5=rank:0"], "LowRank.rank must be an int >= 1"),
+        (
+            [*QUANT4, "--pin", f"5=rank:{10**30}:whitened"],
+            f"LowRank.rank={10**30} exceeds the layer's full rank 10",
+        ),
+        ([*QUANT4, "--pin", f"5=rank:{'9' * 5000}"], "cannot parse scheme"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, args, message) -> None:
@@ -277,3 +287,20 @@ def test_a_loss_that_returns_a_vector_is_refused_before_any_work(tmp_path, capsy
         *("--method", "uniform-quant", "--bits", "4", "--out", str(tmp_path / "o")),
     )
     assert code == 2 and "must return a scalar tensor" in err and err.count("\n") == 1
+
+
+def test_lowrank_compact_runs_under_its_own_lossless_budget(tmp_path, capsys) -> None:
+    out = tmp_path / "compact"
+    code, _, err = _run(
+        capsys,
+        *("compress", "test-mlp", "--method", "lowrank-compact", "--out", str(out)),
+        *("--calibration", "64"),
+    )
+    assert code == 0, err
+    plan = json.loads((out / PLAN).read_text())
+    assert plan["budget"] == {"kind": "lossless", "value": None}
+    lossless = plan["metadata"]["lossless"]
+    assert lossless["search"] == "compact"
+    assert lossless["calibration_loss"] <= lossless["float_calibration_loss"]
+    report = (out / "report.md").read_text()
+    assert "predicted dL" in report and "measured dL" in report

@@ -10,6 +10,7 @@ from allot.discover import discover, fold_weight_2d
 from allot.errors import ERROR_MODELS, get_error_model
 from allot.exceptions import ConfigError
 from allot.profile.engine import Profile, Settings
+from allot.profile.measure import loss_change
 
 
 @pytest.fixture
@@ -61,6 +62,7 @@ def test_each_model_is_its_formula(profile) -> None:
             + 0.5 * estimate.trace / d.numel() * float(d.pow(2).sum()),
             "diagonal": float(g.mul(d).sum()) + 0.5 * float((estimate.diagonal * d.pow(2)).sum()),
             "second-order": profile.second_order({layer: [d]})[layer][0].total,
+            "measured": loss_change(profile.model, {layer: d}, profile.data),
         }
         for name, value in expected.items():
             got = ERROR_MODELS[name].damages({layer: [d]}, profile)[layer][0]
@@ -80,3 +82,16 @@ def test_curvature_models_rank_large_changes_above_small_ones(profile) -> None:
 def test_unknown_model_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="second-order"):
         get_error_model("hessian")
+
+
+def test_the_measured_model_agrees_with_second_order_for_small_changes_only(profile) -> None:
+    """For a small change the measured loss change is the second-order one to third order; for a
+    large one the two part (the reason to measure large low-rank cuts)."""
+    layer = profile.names[1]
+    direction = torch.randn(profile.curvature.shape(layer), dtype=torch.float64)
+    changes = {layer: [1e-4 * direction, 3.0 * direction]}
+    measured = ERROR_MODELS["measured"].damages(changes, profile)[layer]
+    predicted = [t.total for t in profile.second_order(changes)[layer]]
+    assert measured[0] == pytest.approx(predicted[0], rel=1e-3)
+    assert abs(measured[1] - predicted[1]) > 0.1 * abs(measured[1])
+    assert ERROR_MODELS["measured"].damages(changes, profile)[layer] == measured  # kept

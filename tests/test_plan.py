@@ -55,6 +55,15 @@ def test_a_hand_edit_is_costed_from_the_new_scheme() -> None:
             r"layers\[1\]\.scheme\.kind.*unknown",
         ),
         (lambda d: d["layers"][1]["scheme"].update(rank=99), r"layers\[1\]\.scheme"),
+        (lambda d: d["layers"][1]["scheme"].update(rank=0), r"layers\[1\]\.scheme.*>= 1"),
+        (
+            lambda d: d["layers"][1]["scheme"].update(rank=10**30, fit="whitened"),
+            r"layers\[1\]\.scheme.*exceeds the layer's full rank 10",
+        ),
+        (
+            lambda d: d["layers"][1]["scheme"].update(fit="sketchy"),
+            r"layers\[1\]\.scheme.*LowRank\.fit",
+        ),
         (lambda d: d["layers"][1].update(name="conv"), "appears twice"),
         (lambda d: d["layers"][0].update(damage="big"), r"layers\[0\]\.damage"),
         (lambda d: d.update(budget={"kind": "ratio", "value": -1}), r"plan\.budget"),

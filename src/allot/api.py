@@ -11,21 +11,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.metadata
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from allot.allocate import Allocator, Options, get_allocator, pareto_sweep
+from allot.allocate import Options, get_allocator, pareto_sweep
 from allot.apply import apply
 from allot.budget import Budget, describe_bits, weight_bits_limit
 from allot.candidates import CandidateTable, score_candidates
 from allot.data import Data, as_data, check_data
 from allot.discover import Discovery, discover
 from allot.errors import get_error_model
-from allot.evaluate import state_bits
+from allot.evaluate import layer_macs, layer_parameters, state_bits
 from allot.exceptions import BudgetError, ConfigError, ModelError
 from allot.fold import find_conv_bn_pairs, fold_batchnorm
 from allot.methods import Method, get_method
@@ -35,9 +35,9 @@ from allot.prediction import check_prediction, geometry, geometry_json, plan_del
 from allot.profile.cache import Cache
 from allot.profile.engine import Profile, Settings
 from allot.profile.measure import mean_loss
-from allot.progress import progress_bar
 from allot.refine import get_refiner
 from allot.schemes import Quant
+from allot.search import Trial, get_search
 
 
 @dataclass
@@ -189,8 +189,9 @@ def compress(
 
 def compress_scored(scored: Scored, budget: Budget, refinement: Refinement | None = None) -> Result:
     """Choose the plan for `budget` among scored candidates, apply it to a copy of the model,
-    refine it (the method's refinement, or `refinement`), and check its predictions (for methods
-    with a curvature error model)."""
+    refine it (the method's refinement, or `refinement`), and check its predictions against the
+    second-order model and measurement (for methods whose error model reads curvature or predicts
+    the loss change)."""
     method, table, work, data = scored.method, scored.table, scored.work, scored.data
     allocator = get_allocator(method.allocator)
     layers = scored.discovery.layers
@@ -221,34 +222,56 @@ def compress_scored(scored: Scored, budget: Budget, refinement: Refinement | Non
 
     options = table.options()
     n_weights = sum(layer.spec.numel for layer in layers)
-    if budget.kind == "lossless":
+    if budget.measured:
         reference = mean_loss(work, data)
-        choice, plan = _lossless(scored, allocator, reference, options, make_plan, refinement)
-    elif budget.kind == "damage":
-        choice = allocator.within_damage(options, float(budget.value))
-        plan = make_plan(choice)
-    else:
-        other_bits = state_bits(work) - 32 * n_weights
-        bits_cost = (
-            sum(Quant(int(budget.value)).storage_bits(layer.spec) for layer in layers)
-            if budget.kind == "bits"
-            else None
-        )
-        limit = weight_bits_limit(budget, n_weights, other_bits, bits_cost)
-        if limit < options.min_cost():
-            reach = describe_bits(budget.kind, options.min_cost(), n_weights, other_bits)
-            raise BudgetError(
-                f"{budget.describe()} is out of reach for method {method.name}: its smallest plan "
-                f"is {reach}; relax the budget or choose a method with smaller candidates"
+        refinement = refinement or Refinement.of(method)
+
+        def swap(model: nn.Module, choice: list[int], indices: Sequence[int]) -> nn.Module:
+            swapped = copy.deepcopy(model)
+            for i in indices:
+                module = table.candidates[i][choice[i]].module
+                swapped.set_submodule(table.layers[i].name, copy.deepcopy(module))
+            return swapped
+
+        found = get_search(method.search).run(
+            Trial(
+                options,
+                allocator,
+                reference + budget.tolerance,
+                budget.tolerance,
+                get_error_model(method.error_model).loss_change,
+                make_plan,
+                lambda plan, choice: _apply(scored, plan, choice),
+                swap,
+                lambda model, plan: _refine(scored, model, plan, refinement),
+                refinement.name is not None,
+                lambda model: mean_loss(model, data),
+                method.name,
+                scored.progress,
             )
-        choice = allocator.within_cost(options, limit)
+        )
+        choice, plan, compressed = found.choice, found.plan, found.model
+        plan.metadata["lossless"] = {
+            "float_calibration_loss": reference,
+            "tolerance": budget.tolerance,
+            "search": method.search,
+            **found.record,
+        }
+    else:
+        if budget.kind == "damage":
+            choice = allocator.within_damage(options, float(budget.value))
+        else:
+            choice = allocator.within_cost(options, _size_limit(scored, budget, options))
         plan = make_plan(choice)
-    compressed = _build(scored, plan, choice, refinement)
+        compressed = _refine(scored, _apply(scored, plan, choice), plan, refinement)
     plan.metadata["pareto"] = _pareto(options, n_weights)
-    if get_error_model(method.error_model).curvature:
+    plan.metadata["layers"] = layer_costs(work, compressed, plan, data)
+    error_model = get_error_model(method.error_model)
+    if error_model.curvature or error_model.loss_change:
         deltas = plan_deltas(work, compressed, plan)
         check = check_prediction(scored.profile, deltas, work, compressed, data)
         plan.metadata["prediction"] = check.to_json()
+    if error_model.curvature:
         plan.metadata["geometry"] = geometry_json(geometry(scored.profile, deltas))
     return Result(compressed, plan, table, scored.profile)
 
@@ -270,14 +293,16 @@ class Refinement:
         return cls(name, settings)
 
 
-def _build(
-    scored: Scored, plan: Plan, choice: list[int], refinement: Refinement | None = None
+def _apply(scored: Scored, plan: Plan, choice: list[int]) -> nn.Module:
+    """The plan applied to a copy of the model with the candidates scoring fitted."""
+    return apply(copy.deepcopy(scored.model), plan, scored.profile, scored.table.fitted(choice))
+
+
+def _refine(
+    scored: Scored, compressed: nn.Module, plan: Plan, refinement: Refinement | None = None
 ) -> nn.Module:
-    """The plan applied to a copy of the model with the candidates scoring fitted, then refined
-    (the method's refinement unless another is given; recorded in the plan's metadata)."""
-    compressed = apply(
-        copy.deepcopy(scored.model), plan, scored.profile, scored.table.fitted(choice)
-    )
+    """`compressed` (the plan applied) refined in place by the method's refinement, or by
+    `refinement` when given; what ran is recorded in the plan's metadata."""
     refinement = refinement or Refinement.of(scored.method)
     if refinement.name is not None:
         refiner = get_refiner(refinement.name)
@@ -297,32 +322,40 @@ def _pareto(options: Options, n_weights: int) -> list[list[float]]:
     return points
 
 
-def _lossless(
-    scored: Scored,
-    allocator: Allocator,
-    reference: float,
-    options: Options,
-    make_plan: Callable[[list[int]], Plan],
-    refinement: Refinement | None,
-) -> tuple[list[int], Plan]:
-    """The choice and plan of the cheapest plan on the allocator's sequence whose measured
-    calibration loss is not above `reference`, the float (BatchNorm-folded) model's.
-
-    Under an error model that predicts the loss change itself (`second-order`, `trace`,
-    `diagonal`), the sequence starts with the smallest plan predicted not to raise the loss (the
-    allocator's least cost within damage 0), followed by the sequence's plans larger than it."""
-    sequence = allocator.sequence(options)
-    if get_error_model(scored.method.error_model).loss_change and options.min_damage() <= 0:
-        start = allocator.within_damage(options, 0.0)
-        floor = options.total(start)[0]
-        sequence = [start, *(c for c in sequence if options.total(c)[0] > floor)]
-    for choice in progress_bar(sequence, "lossless search", scored.progress):
-        plan = make_plan(choice)
-        compressed = _build(scored, plan, choice, refinement)
-        if mean_loss(compressed, scored.data) <= reference:
-            plan.metadata["lossless"] = {"float_calibration_loss": reference}
-            return choice, plan
-    raise BudgetError(
-        f"no plan of method {scored.method.name} keeps the calibration loss at or below the float "
-        "model's; use a method whose grid can keep layers in float"
+def _size_limit(scored: Scored, budget: Budget, options: Options) -> float:
+    """The most bits the compressible weights may take under a size budget; `BudgetError` when
+    even the method's smallest plan is larger."""
+    layers = scored.discovery.layers
+    n_weights = sum(layer.spec.numel for layer in layers)
+    other_bits = state_bits(scored.work) - 32 * n_weights
+    bits_cost = (
+        sum(Quant(int(budget.value)).storage_bits(layer.spec) for layer in layers)
+        if budget.kind == "bits"
+        else None
     )
+    limit = weight_bits_limit(budget, n_weights, other_bits, bits_cost)
+    if limit < options.min_cost():
+        reach = describe_bits(budget.kind, options.min_cost(), n_weights, other_bits)
+        raise BudgetError(
+            f"{budget.describe()} is out of reach for method {scored.method.name}: its smallest "
+            f"plan is {reach}; relax the budget or choose a method with smaller candidates"
+        )
+    return limit
+
+
+def layer_costs(
+    work: nn.Module, compressed: nn.Module, plan: Plan, data: Data
+) -> dict[str, dict[str, list[int]]]:
+    """Per planned layer: the numbers its weight stores and the multiply-accumulates of one
+    forward pass on one calibration sample, each as [float, compressed]."""
+    names = [layer.name for layer in plan.layers]
+    sample = data.example_inputs(1)
+    before, after = layer_parameters(work, names), layer_parameters(compressed, names)
+    dense, executed = layer_macs(work, sample), layer_macs(compressed, sample)
+    return {
+        name: {
+            "parameters": [before[name], after[name]],
+            "macs": [dense.get(name, (0, 0))[1], executed.get(name, (0, 0))[1]],
+        }
+        for name in names
+    }

@@ -8,7 +8,9 @@ weights (codes, scales, offsets, indices, factors: everything stored for them) t
 every layer" (per-channel scales included). *damage* D asks for the smallest plan whose predicted
 damage (the method's error-model units; nats of calibration loss for the second-order model) is at
 most D, the complement of a size budget. *lossless* asks for the smallest plan whose measured
-calibration loss is not above the float model's.
+calibration loss is not above the float model's; *loss* L for the smallest plan whose measured
+calibration loss is at most the float model's plus L (loss units: a lossless budget with a
+tolerance, for losses the float model cannot be beaten on, such as a distance to its own outputs).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from allot.exceptions import BudgetError
 
-KINDS = ("ratio", "avg_bits", "bytes", "bits", "damage", "lossless")
+KINDS = ("ratio", "avg_bits", "bytes", "bits", "damage", "lossless", "loss")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,12 @@ class Budget:
             if not finite:
                 raise BudgetError(f"a damage limit must be a finite number, got {self.value!r:.40}")
             return
+        if self.kind == "loss":
+            if not finite or self.value < 0:
+                raise BudgetError(
+                    f"a loss tolerance must be a finite number >= 0, got {self.value!r:.40}"
+                )
+            return
         if not finite or not self.value > 0:
             raise BudgetError(
                 f"budget {self.kind} must be a positive finite number, got {self.value!r:.40}"
@@ -58,7 +66,17 @@ class Budget:
     @property
     def is_size(self) -> bool:
         """Whether the budget limits size (the others limit damage)."""
-        return self.kind not in ("damage", "lossless")
+        return self.kind not in ("damage", "lossless", "loss")
+
+    @property
+    def measured(self) -> bool:
+        """Whether the budget limits the measured calibration loss (`lossless`, `loss`)."""
+        return self.kind in ("lossless", "loss")
+
+    @property
+    def tolerance(self) -> float:
+        """How far a measured budget lets the calibration loss rise above the float model's."""
+        return float(self.value) if self.kind == "loss" else 0.0
 
     def describe(self) -> str:
         labels = {
@@ -67,6 +85,7 @@ class Budget:
             "bytes": "{} bytes",
             "bits": "{}-bit size",
             "damage": "predicted damage <= {}",
+            "loss": "calibration loss <= float + {}",
         }
         return "lossless" if self.kind == "lossless" else labels[self.kind].format(self.value)
 

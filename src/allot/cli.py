@@ -142,12 +142,18 @@ def _budget(args: argparse.Namespace) -> Budget:
         return Budget("lossless")
     if args.max_damage is not None:
         return Budget("damage", args.max_damage)
+    if args.max_loss_increase is not None:
+        return Budget("loss", args.max_loss_increase)
     for kind in ("ratio", "avg_bits", "bytes", "bits"):
         value = getattr(args, kind)
         if value is not None:
             return Budget(kind, value)
+    method = get_method(args.method)
+    if method.budget is not None:
+        return method.budget
     raise AllotError(
-        "give a budget: --bits, --ratio, --avg-bits, --bytes, --max-damage or --lossless"
+        "give a budget: --bits, --ratio, --avg-bits, --bytes, --max-damage, --lossless or "
+        "--max-loss-increase"
     )
 
 
@@ -522,12 +528,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
         None,
     )
     args.bits, args.calibration, args.seed, args.no_cache = 4, 512, 0, False
-    args.max_damage = None
+    args.max_damage, args.max_loss_increase = None, None
     cmd_compress(args)
 
 
 def _add_budget(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
+    group = parser.add_argument_group(
+        "budget",
+        "exactly one; a method with a budget of its own (lowrank-compact: --lossless) "
+        "runs under it when none is given",
+    ).add_mutually_exclusive_group()
     group.add_argument("--bits", type=int, help="the size of B-bit quantization of every layer")
     group.add_argument("--ratio", type=float, help="compression ratio of the compressible weights")
     group.add_argument(
@@ -543,6 +553,12 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
         "--lossless",
         action="store_true",
         help="smallest plan whose calibration loss is not above the float model's",
+    )
+    group.add_argument(
+        "--max-loss-increase",
+        type=float,
+        metavar="L",
+        help="smallest plan whose measured calibration loss is at most the float model's + L",
     )
 
 

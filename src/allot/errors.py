@@ -20,6 +20,10 @@ damages are only comparable within one model:
 - `diagonal`: g.d + 1/2 sum_j diag(H_ii)_j d_j^2, H_ii replaced by its diagonal (Hutchinson).
 - `hawq`: HAWQ-V2's sensitivity Omega = tr(H_ii)/n_i |d|^2 (Hutchinson trace, no gradient term,
   no factor 1/2: as published, Dong et al. 2020).
+- `measured`: the calibration-loss change measured with the candidate's layer alone changed (one
+  pass over the calibration data per candidate, loss units): no Taylor truncation, so it holds for
+  changes too large for the second-order model (a low-rank cut of a confident classifier's layer,
+  where the softmax saturates and 1/2 d'H d is far below the real loss; docs/lowrank.md).
 Later models (the ALDS bound) register here the same way.
 """
 
@@ -105,6 +109,10 @@ def _second_order(deltas: Deltas, profile: Profile) -> Damages:
     }
 
 
+def _measured(deltas: Deltas, profile: Profile) -> Damages:
+    return profile.measured(deltas)
+
+
 def _curvature(deltas: Deltas, profile: Profile) -> Damages:
     return {
         name: [term.quadratic for term in terms]
@@ -157,6 +165,12 @@ for _model in (
     ),
     ErrorModel(
         "hawq", per_perturbation(_hawq), "HAWQ-V2: tr(H)/n |d|^2 (Hutchinson)", curvature=True
+    ),
+    ErrorModel(
+        "measured",
+        _measured,
+        "loss change measured with the layer alone changed, one pass per candidate",
+        loss_change=True,
     ),
 ):
     register_error_model(_model)

@@ -79,24 +79,54 @@ def parameter_count(model: nn.Module) -> int:
 def macs(model: nn.Module, inputs: Inputs) -> int:
     """Multiply-accumulates of one forward pass on `inputs` (all samples), as the model executes it:
     a factorized layer counts both factors; quantized and sparse layers dequantize and count dense."""
-    total = 0
+    return sum(executed for _, executed in layer_macs(model, inputs).values())
 
-    def count(module: nn.Module, _args: tuple[Any, ...], output: Tensor) -> None:
-        nonlocal total
-        if isinstance(module, CompressedLayer):
-            total += module.macs(output)
-        else:  # float layer: every output element costs fan_in (per group) MACs
-            total += output.numel() * (module.weight.numel() // module.weight.shape[0])
 
-    layers = [m for m in model.modules() if isinstance(m, (*_FLOAT_LAYERS, CompressedLayer))]
-    handles = [m.register_forward_hook(count) for m in layers]
+def layer_macs(model: nn.Module, inputs: Inputs) -> dict[str, tuple[int, int]]:
+    """Per layer (float Linear/Conv or compressed, by qualified name): the multiply-accumulates of
+    one forward pass on `inputs` as a dense float layer of its geometry computes them, and as the
+    layer executes them (different only for layers that run smaller operations, such as the two
+    factors of a low-rank layer)."""
+    counts: dict[str, tuple[int, int]] = {}
+
+    def count(name: str):
+        def hook(module: nn.Module, _args: tuple[Any, ...], output: Tensor) -> None:
+            if isinstance(module, CompressedLayer):
+                dense, executed = output.numel() * module.spec.fan_in, module.macs(output)
+            else:  # float layer: every output element costs fan_in (per group) MACs
+                dense = executed = output.numel() * (
+                    module.weight.numel() // module.weight.shape[0]
+                )
+            before = counts.get(name, (0, 0))
+            counts[name] = (before[0] + dense, before[1] + executed)
+
+        return hook
+
+    handles = [
+        module.register_forward_hook(count(name))
+        for name, module in model.named_modules()
+        if isinstance(module, (*_FLOAT_LAYERS, CompressedLayer))
+    ]
     try:
         with torch.no_grad():
             forward(model.eval(), inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return total
+    return counts
+
+
+def layer_parameters(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """The numbers each named layer stores for its weight (as `parameter_count` counts them,
+    bias excluded)."""
+    counts = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, CompressedLayer):
+            counts[name] = module.weight_parameter_count()
+        else:
+            counts[name] = module.weight.numel()
+    return counts
 
 
 def latency(model: nn.Module, inputs: Inputs, repeats: int = 30, warmup: int = 5) -> float:

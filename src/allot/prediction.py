@@ -4,7 +4,8 @@ Both read the weight changes a plan really made, d_i = W_hat_i - W_i (the compre
 weight minus the BatchNorm-folded float weight), and the calibration `Profile`:
 - `check_prediction`: the loss change the second-order model predicts for the whole plan, with and
   without the cross-layer terms d_i' H_ij d_j, next to the measured change of the calibration loss
-  and of the held-out loss (all in the task loss's units: nats for cross-entropy).
+  and of the held-out loss (all in the task loss's units: nats for cross-entropy), and the same
+  per layer, each layer changed alone.
 - `geometry`: per layer, the share of |d|^2 and of d'H_ii d that lies along the layer's top Lanczos
   eigenvectors (the high-curvature "minor axes"; the rest of the space holds the major axes), the
   loss change along its negative-curvature directions, and whether the layer sits at a saddle.
@@ -12,7 +13,8 @@ weight minus the BatchNorm-folded float weight), and the calibration `Profile`:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +26,7 @@ from allot.modules.base import dense_weight
 from allot.plan import Plan
 from allot.profile.damage import plan_quadratic
 from allot.profile.engine import Profile
-from allot.profile.measure import mean_loss
+from allot.profile.measure import loss_change, mean_loss
 
 
 def plan_deltas(work: nn.Module, compressed: nn.Module, plan: Plan) -> dict[str, Tensor]:
@@ -45,15 +47,18 @@ class PredictionCheck:
 
     `linear` = sum_i g_i.d_i; `per_layer` = linear + sum_i 1/2 d_i'H_ii d_i, the sum the allocator
     saw under the second-order model; `joint` = linear + 1/2 d'H d with the cross-layer terms.
-    `measured_held_out` is None when the data's held-out evaluation reports no "loss"."""
+    `measured_held_out` is None when the data's held-out evaluation reports no "loss". `layers`:
+    per changed layer, its own predicted change g_i.d_i + 1/2 d_i'H_ii d_i and the measured
+    change of the calibration loss when it alone is changed (every other layer float)."""
 
     linear: float
     per_layer: float
     joint: float
     measured_calibration: float
     measured_held_out: float | None
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, float | None]:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -66,18 +71,28 @@ def check_prediction(
 ) -> PredictionCheck:
     """Second-order predictions of the plan's loss change next to its measured changes.
 
-    Costs one gradient sweep (cached), one second backward per changed layer and one full HVP."""
+    Costs one gradient sweep (cached), one second backward per changed layer, one full HVP, and
+    one pass over the calibration data per changed layer (its own measured change)."""
     terms = profile.second_order({name: [d] for name, d in deltas.items()})
     linear = sum(t[0].linear for t in terms.values())
     per_layer = sum(t[0].total for t in terms.values())
     joint = linear + plan_quadratic(profile.curvature, deltas) if deltas else 0.0
     after, before = metrics(compressed, data).get("loss"), metrics(work, data).get("loss")
+    reference = mean_loss(work, data)
+    layers = {
+        name: {
+            "predicted": terms[name][0].total,
+            "measured": loss_change(work, {name: delta}, data, reference),
+        }
+        for name, delta in deltas.items()
+    }
     return PredictionCheck(
         linear=linear,
         per_layer=per_layer,
         joint=joint,
-        measured_calibration=mean_loss(compressed, data) - mean_loss(work, data),
+        measured_calibration=mean_loss(compressed, data) - reference,
         measured_held_out=None if after is None or before is None else after - before,
+        layers=layers,
     )
 
 

@@ -2,13 +2,15 @@ import pytest
 import torch
 
 from allot import Budget, compress
+from allot.discover import LayerSpec
 from allot.exceptions import ConfigError
 from allot.methods import Method
 from allot.modules.quant import GRIDS, QuantizedLayer, dequantize
 from allot.profile.measure import mean_loss
 from allot.refine import get_refiner
 from allot.refine.feedback import feedback_target, refined_layers
-from allot.schemes import Keep, Quant
+from allot.schemes import Keep, LowRank, Quant
+from allot.schemes.lowrank import svd_factors
 from allot.schemes.steer import DAMPING
 from allot.stats import LayerStats
 from allot.zoo import create_model
@@ -90,3 +92,30 @@ def test_only_steered_layers_are_refined(digits) -> None:
 def test_unknown_refinement_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown refinement"):
         get_refiner("polish")
+
+
+def test_a_whitened_low_rank_refit_minimises_feedbacks_objective_over_its_rank() -> None:
+    """sum ||W x_f - W~ x_q||^2 + lam ||W~ - W||^2 at the re-fitted rank-2 weight is below that of
+    the plain truncation of the target and of the re-fit nudged in random directions."""
+    torch.manual_seed(2)
+    spec = LayerSpec("linear", 5, 8, bias=False)
+    x_f = torch.randn(30, 8, dtype=torch.float64) @ torch.randn(8, 8, dtype=torch.float64)
+    x_q = x_f + 0.2 * torch.randn(30, 8, dtype=torch.float64)
+    weight = torch.randn(5, 8, dtype=torch.float64)
+    stats, cross = _moments(x_q, x_f)
+    lam = DAMPING * float(stats.input_cov.diagonal().mean())
+
+    def objective(w: torch.Tensor) -> float:
+        return float((x_f @ weight.T - x_q @ w.T).pow(2).sum() + lam * (w - weight).pow(2).sum())
+
+    target = feedback_target(weight, stats, cross)
+    refit = LowRank(2, "whitened").refit(target.float(), None, spec, stats)
+    best = objective(refit.reconstruct().detach().double())
+    u, v = svd_factors(target, 2)
+    assert objective(u.double() @ v.double()) > best
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        nudged = (
+            refit.u.detach().double() + 1e-3 * torch.randn(5, 2, generator=g, dtype=torch.float64)
+        ) @ (refit.v.detach().double() + 1e-3 * torch.randn(2, 8, generator=g, dtype=torch.float64))
+        assert objective(nudged) >= best * (1 - 1e-6)

@@ -46,12 +46,15 @@ EXAMPLES: list[tuple[str, Scheme]] = [
     ("quant:5:float-offset:steered", Quant(5, None, "steered", "float-offset")),
     ("rank:2", LowRank(2)),
     ("rank:3", LowRank(3)),
+    ("rank:2:whitened", LowRank(2, "whitened")),
+    ("rank:3:whitened", LowRank(3, "whitened")),
     ("sparse:0.05", Sparse(0.05)),
     ("sparse:1", Sparse(1.0)),
     ("keep", Keep()),
     # schemes holding schemes: their JSON nests, their storage is the sum of their parts'
     ("quant:2+sparse:0.05", Sum((Quant(2), Sparse(0.05)))),
     ("rank:1+sparse:0.05", Sum((LowRank(1), Sparse(0.05)))),
+    ("rank:1:whitened+sparse:0.05", Sum((LowRank(1, "whitened"), Sparse(0.05)))),
     (
         "quant:2:g4:steered+rank:1+sparse:0.05",
         Sum((Quant(2, 4, "steered"), LowRank(1), Sparse(0.05))),

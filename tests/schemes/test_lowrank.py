@@ -1,14 +1,19 @@
-"""LowRank: Eckart-Young error, full rank is exact, factor constructor, rank checks, storage."""
+"""LowRank: Eckart-Young error, full rank is exact, factor constructor, rank checks, storage; the
+whitened fit's discarded energy against the measured output error; hostile ranks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SPECS, LayerCase, make_case
 
-from allot.discover import LayerSpec
+from allot.discover import LayerSpec, fold_weight_2d
 from allot.exceptions import ConfigError
+from allot.modules.base import build_float_layer, dense_weight
 from allot.modules.lowrank import LowRankLayer
 from allot.schemes import LowRank, parse_scheme
+from allot.schemes.lowrank import Whitened, svd_factors
+from allot.stats import LayerStats
 
 SPEC = LayerSpec("conv2d", 9, 2, (1, 7))  # fan_in 14, full rank 9
 
@@ -77,3 +82,125 @@ def test_invalid_rank_is_named(rank):
 def test_bad_string_forms_raise(text: str):
     with pytest.raises(ConfigError):
         parse_scheme(text)
+
+
+# --- whitened fit -----------------------------------------------------------------------------
+
+
+def _calibrated(spec: LayerSpec, seed: int = 0):
+    """A layer case with correlated calibration inputs (so whitening matters) and its profile."""
+    case = make_case(spec, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    mix = torch.randn(spec.in_features, spec.in_features, generator=g)
+    x = torch.einsum("ij,bj...->bi...", mix, case.x)
+    return LayerCase(spec, case.weight, case.bias, x, seed=1000 + seed)  # its own profile
+
+
+@pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
+def test_whitened_discarded_energy_is_the_measured_output_error(spec: LayerSpec) -> None:
+    """sum_{i>r} s_i^2 of W S equals the mean squared output error on the calibration inputs
+    (measured by running both layers) plus the damping times |D|^2."""
+    case = _calibrated(spec)
+    stats = case.profile.inputs()
+    whitened = Whitened.of(fold_weight_2d(case.weight), stats)
+    full = min(spec.out_features, spec.fan_in)
+    float_layer = build_float_layer(spec, case.weight, case.bias)
+    for rank in range(1, full):
+        layer = LowRank(rank, "whitened").compress(case.weight, case.bias, spec, case.profile)
+        with torch.no_grad():
+            difference = (layer(case.x) - float_layer(case.x)).double()
+        # one row per output position: (N, out, *positions) -> (N * positions, out)
+        rows = difference.movedim(1, -1).reshape(-1, spec.out_features)
+        measured = float(rows.pow(2).sum()) / stats.samples
+        delta = (dense_weight(layer).double() - case.weight.double()).pow(2).sum()
+        damped = measured + whitened.damping * float(delta.detach())
+        assert rows.shape[0] == stats.samples
+        assert whitened.discarded(rank) == pytest.approx(damped, rel=1e-4, abs=1e-7)
+
+
+def test_whitened_truncation_has_the_least_damped_output_error() -> None:
+    """No rank-r weight has a smaller tr(D (M + lam I) D'): not the plain SVD, not the whitened
+    factors nudged in random directions."""
+    spec = SPECS["conv2d-dilated"]
+    case = _calibrated(spec, seed=3)
+    stats = case.profile.inputs()
+    whitened = Whitened.of(fold_weight_2d(case.weight), stats)
+    moment = stats.input_cov / stats.samples + whitened.damping * torch.eye(spec.fan_in).double()
+    w = fold_weight_2d(case.weight).double()
+
+    def damped_error(product: torch.Tensor) -> float:
+        d = product - w
+        return float(((d @ moment) * d).sum())
+
+    rank = 3
+    u, v = whitened.factors(rank)
+    best = damped_error(u @ v)
+    assert best == pytest.approx(whitened.discarded(rank), rel=1e-9)
+    pu, pv = svd_factors(w, rank)
+    assert damped_error(pu.double() @ pv.double()) > best
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        du = 1e-3 * torch.randn(u.shape, generator=g, dtype=torch.float64)
+        dv = 1e-3 * torch.randn(v.shape, generator=g, dtype=torch.float64)
+        assert damped_error((u + du) @ (v + dv)) >= best
+
+
+def test_whitened_refit_is_the_truncation_of_the_target_under_new_statistics() -> None:
+    spec = SPECS["linear"]
+    case = _calibrated(spec)
+    x = torch.randn(50, spec.in_features, generator=torch.Generator().manual_seed(4))
+    stats = LayerStats((x.T @ x).double(), 50)
+    target = torch.randn(spec.weight_shape, generator=torch.Generator().manual_seed(5))
+    scheme = LowRank(2, "whitened")
+    assert scheme.refits and not LowRank(2).refits
+    layer = scheme.refit(target, case.bias, spec, stats)
+    u, v = Whitened.of(target, stats).factors(2)
+    torch.testing.assert_close(layer.reconstruct().double(), u @ v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="cannot be re-fitted"):
+        LowRank(2).refit(target, case.bias, spec, stats)
+
+
+def test_whitened_needs_the_profile_and_stores_what_plain_stores() -> None:
+    spec = SPECS["conv2d-dilated"]
+    case = _calibrated(spec)
+    with pytest.raises(ConfigError, match="fits to calibration data"):
+        LowRank(2, "whitened").compress(case.weight, case.bias, spec)
+    whitened = LowRank(2, "whitened").compress(case.weight, case.bias, spec, case.profile)
+    plain = LowRank(2).compress(case.weight, case.bias, spec)
+    assert {k: t.shape for k, t in whitened.state_dict().items()} == {
+        k: t.shape for k, t in plain.state_dict().items()
+    }
+    assert LowRank(2, "whitened").storage_bits(spec) == LowRank(2).storage_bits(spec)
+
+
+# --- hostile ranks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [0, 10, 10**30])
+def test_hostile_ranks_are_refused_in_one_line(rank: int) -> None:
+    with pytest.raises(ConfigError) as caught:
+        LowRank(rank).check(SPEC)
+        LowRank(rank, "whitened").storage_bits(SPEC)
+    message = str(caught.value)
+    assert "\n" not in message and "LowRank.rank" in message and len(message) < 200
+
+
+@pytest.mark.parametrize("text", ["rank:0", "rank:-3", "rank:2:sketchy", f"rank:{'9' * 5000}"])
+def test_hostile_string_forms_are_refused_in_one_line(text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_scheme(text)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
+
+
+def test_huge_rank_in_a_string_parses_and_then_fails_the_layer_check() -> None:
+    scheme = parse_scheme(f"rank:{10**30}:whitened")
+    with pytest.raises(ConfigError, match="exceeds the layer's full rank 9"):
+        scheme.check(SPEC)
+
+
+def test_labels_and_forms_of_the_fits() -> None:
+    assert LowRank(4).label() == "rank4" and LowRank(4, "whitened").label() == "rank4-whitened"
+    assert parse_scheme("rank:4:whitened") == LowRank(4, "whitened")
+    assert parse_scheme("rank:4:plain") == LowRank(4)
+    with pytest.raises(ConfigError, match=r"LowRank\.fit must be one of"):
+        LowRank(4, "sketchy")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from allot.budget import Budget
 from allot.registry import Registry
 from allot.schemes import Grid
 
@@ -17,7 +18,9 @@ class Method:
     """A named recipe. `grid(layer)` lists the schemes a layer may take (it sees the layer's name
     and geometry); `allocator` is a key of `allot.allocate.ALLOCATORS`; `error_model` a key of
     `allot.errors.ERROR_MODELS`; `refine`, if set, a key of `allot.refine.REFINERS` run on the
-    applied plan with `refine_settings` (plain values for the refiner's settings dataclass)."""
+    applied plan with `refine_settings` (plain values for the refiner's settings dataclass);
+    `search` a key of `allot.search.SEARCHES`, how a lossless budget searches the candidates;
+    `budget`, if set, the budget the command line uses when the user gives none."""
 
     name: str
     description: str
@@ -26,6 +29,8 @@ class Method:
     allocator: str = "knapsack"
     refine: str | None = None
     refine_settings: dict[str, Any] = field(default_factory=dict)
+    search: str = "sequence"
+    budget: Budget | None = None
 
 
 def register_method(method: Method) -> Method:

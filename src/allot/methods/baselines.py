@@ -21,7 +21,7 @@ def quant_grid(layer: Layer) -> list[Scheme]:
     return [*(Quant(bits) for bits in QUANT_BITS), Keep()]
 
 
-def _smaller_or_keep(scheme: Scheme, spec: LayerSpec) -> Scheme:
+def smaller_or_keep(scheme: Scheme, spec: LayerSpec) -> Scheme:
     """A scheme only replaces a layer when it really stores less than float."""
     return scheme if scheme.storage_bits(spec) < Keep().storage_bits(spec) else Keep()
 
@@ -31,12 +31,12 @@ def rank_grid(layer: Layer) -> list[Scheme]:
     spec = layer.spec
     full = min(spec.out_features, spec.fan_in)
     ranks = [max(1, round(f * full)) for f in RANK_FRACTIONS]
-    return [*(_smaller_or_keep(LowRank(r), spec) for r in ranks), Keep()]
+    return [*(smaller_or_keep(LowRank(r), spec) for r in ranks), Keep()]
 
 
 def density_grid(layer: Layer) -> list[Scheme]:
     """The same fraction of weights kept (largest magnitudes) in every layer."""
-    return [*(_smaller_or_keep(Sparse(d), layer.spec) for d in DENSITIES), Keep()]
+    return [*(smaller_or_keep(Sparse(d), layer.spec) for d in DENSITIES), Keep()]
 
 
 register_method(

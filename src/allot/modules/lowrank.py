@@ -2,13 +2,15 @@
 
 With the weight folded to 2-D, W ~= U V where U is (out, rank) and V is (rank, fan_in). The layer
 runs V as the original operation (same kernel, stride, padding, dilation) producing `rank`
-channels without bias, then U as a pointwise operation (1x1 convolution or Linear) from `rank` to
-`out` channels with the bias. Stored tensors: `u` and `v`, float32 parameters (trainable).
+channels without bias, then U as a pointwise operation from `rank` to `out` channels with the bias
+(a Linear, or for a convolution one matrix product over all output positions). Stored
+tensors: `u` and `v`, float32 parameters (trainable).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from allot.discover import LayerSpec
@@ -25,7 +27,6 @@ class LowRankLayer(CompressedLayer):
         self.u = nn.Parameter(torch.zeros(spec.out_features, rank))
         self.v = nn.Parameter(torch.zeros(rank, spec.fan_in))
         self._first = spec.with_channels(out_features=rank, bias=False)
-        self._second = spec.with_channels(in_features=rank, pointwise=True)
 
     @classmethod
     def from_factors(
@@ -61,7 +62,16 @@ class LowRankLayer(CompressedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self._first.forward(x, self.v.view(self._first.weight_shape), None)
-        return self._second.forward(h, self.u.view(self._second.weight_shape), self.bias)
+        if self.spec.kind == "linear":
+            return F.linear(h, self.u, self.bias)
+        # the pointwise second factor as one matrix product over all positions: PyTorch's 1x1
+        # convolution is several times slower on CPU for few channels
+        dims = len(self.spec.kernel_size)  # positions: the last `dims` dimensions
+        out = torch.matmul(self.u, h.flatten(-dims))
+        out = out.view(*h.shape[: -dims - 1], -1, *h.shape[-dims:])
+        if self.bias is not None:
+            out = out + self.bias.view(-1, *(1 for _ in range(dims)))
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"

@@ -11,7 +11,9 @@ unit where a derivative is taken):
   full-model probes (one full HVP per probe serves every layer), deflated by the same Lanczos
   runs: their Krylov space's part is exact, and the probes estimate only the rest;
 - `second_order(deltas)`: exact g.d + 1/2 d'H_ii d for any number of weight changes of any layers,
-  all sharing one forward and first backward per batch (one second backward per change).
+  all sharing one forward and first backward per batch (one second backward per change);
+- `measured(deltas)`: the measured calibration-loss change of each weight change, its layer alone
+  changed (one forward sweep per change).
 The model is profiled as given (fold BatchNorm first), in eval mode. `curvature.passes` counts the
 work in forward+backward sweeps over the calibration set.
 
@@ -39,7 +41,8 @@ from allot.profile.damage import SecondOrder, second_order_terms
 from allot.profile.hutchinson import Estimate, hutchinson_blocks
 from allot.profile.hvp import Curvature
 from allot.profile.lanczos import Krylov, Lanczos, RitzPairs
-from allot.progress import progress_counter
+from allot.profile.measure import loss_change, mean_loss
+from allot.progress import progress_bar, progress_counter
 from allot.stats import LayerStats
 
 _VERSION = "allot-profile-4"
@@ -103,6 +106,7 @@ class Profile:
         self._eigenpairs: dict[str, RitzPairs] | None = None
         self._krylov_runs: dict[str, Krylov] | None = None
         self._terms: dict[str, SecondOrder] = {}  # by fingerprint of (layer, change)
+        self._measured: dict[str, float] = {}  # by fingerprint of ("measured", layer, change)
 
     def layer(self, name: str) -> LayerProfile:
         """A view of one layer's statistics (what schemes that fit to data receive)."""
@@ -203,6 +207,40 @@ class Profile:
         if missing:
             self._terms.update(self._second_order(missing))
         return {name: [self._terms[key] for key in keys[name]] for name in deltas}
+
+    def measured(self, deltas: dict[str, list[Tensor]]) -> dict[str, list[float]]:
+        """The measured calibration-loss change L(w + d) - L(w) of each weight change d
+        (weight-shaped) of each layer, that layer alone changed (loss units).
+
+        Costs one pass over the calibration data per nonzero change not measured before (and one
+        for L(w)); kept per change like `second_order`, on disk too."""
+        unknown = [name for name in deltas if name not in self.names]
+        if unknown:
+            raise ConfigError(f"layers {unknown} are not profiled; profiled layers: {self.names}")
+        keys = {
+            name: [Fingerprint().value(["measured", name]).tensor(d).hexdigest() for d in ds]
+            for name, ds in deltas.items()
+        }
+        missing = {
+            key: (name, delta)
+            for name, ds in deltas.items()
+            for key, delta in zip(keys[name], ds, strict=True)
+            if key not in self._measured and bool(delta.any())
+        }
+        if missing:
+            entry = self._entry_key("measured", sorted(missing))
+            stored = self.cache.get(entry)
+            if stored is None:
+                reference = mean_loss(self.model, self.data)
+                stored = {}
+                for key, (name, delta) in progress_bar(
+                    list(missing.items()), "measured loss changes", self.progress
+                ):
+                    change = loss_change(self.model, {name: delta}, self.data, reference)
+                    stored[key] = torch.tensor([change], dtype=torch.float64)
+                self.cache.put(entry, stored)
+            self._measured.update({key: float(value) for key, value in stored.items()})
+        return {name: [self._measured.get(key, 0.0) for key in keys[name]] for name in deltas}
 
     def _second_order(self, missing: dict[str, dict[str, Tensor]]) -> dict[str, SecondOrder]:
         """Second-order terms of nonzero changes {layer: {key: change}}, from the disk cache or

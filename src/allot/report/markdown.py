@@ -78,7 +78,42 @@ def checked_metadata(plan: Plan) -> dict[str, Any]:
         raise PlanError("plan.metadata.pareto: expected [bits per weight, damage] pairs")
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise PlanError("plan.metadata.notes: expected a list of strings")
-    return {"prediction": prediction, "geometry": geometry, "pareto": pareto, "notes": notes}
+    layers = meta.get("layers") or {}
+    if not (
+        isinstance(layers, dict)
+        and all(
+            isinstance(c, dict) and all(_pair(c.get(k), int) for k in ("parameters", "macs"))
+            for c in layers.values()
+        )
+    ):
+        raise PlanError("plan.metadata.layers: expected per layer [before, after] parameters, MACs")
+    checked = (prediction or {}).get("layers") or {}
+    if not (
+        isinstance(checked, dict)
+        and all(
+            isinstance(c, dict)
+            and all(
+                k in c and _number(c[k]) and c[k] is not None for k in ("predicted", "measured")
+            )
+            for c in checked.values()
+        )
+    ):
+        raise PlanError("plan.metadata.prediction.layers: expected per layer predicted, measured")
+    return {
+        "prediction": prediction,
+        "geometry": geometry,
+        "pareto": pareto,
+        "notes": notes,
+        "layers": layers,
+    }
+
+
+def _pair(value: Any, kind: type) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -126,21 +161,7 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
             "`Data(evaluate=...)`) to measure them.",
         ]
     lines += ["", "## Per-layer plan", ""]
-    lines += _table(
-        ["layer", "kind", "weight shape", "scheme", "bits/weight", "cost (bits)", "damage"],
-        [
-            [
-                layer.name,
-                layer.spec.kind,
-                "x".join(map(str, layer.spec.weight_shape)),
-                layer.scheme.label(),
-                round(layer.cost_bits / layer.spec.numel, 3),
-                layer.cost_bits,
-                "" if layer.damage is None else float(layer.damage),
-            ]
-            for layer in plan.layers
-        ],
-    )
+    lines += _layer_lines(plan, meta["layers"], (meta["prediction"] or {}).get("layers") or {})
     lines += _prediction_lines(meta["prediction"])
     lines += _geometry_lines(meta["geometry"])
     if plan.folded:
@@ -167,6 +188,45 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
     path = directory / REPORT
     atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
+
+
+def _layer_lines(
+    plan: Plan, costs: dict[str, dict[str, list[int]]], checked: dict[str, dict[str, float]]
+) -> list[str]:
+    """The per-layer table: scheme, storage and predicted damage of every layer; where some layer
+    stores fewer numbers than its float weight (a factorized layer), its parameters before and
+    after and its multiply-accumulates ratio; where the plan's predictions were checked, each
+    changed layer's predicted and measured loss change (that layer alone changed)."""
+    shrunk = any(c["parameters"][1] < c["parameters"][0] for c in costs.values())
+    header = ["layer", "kind", "weight shape", "scheme", "bits/weight", "cost (bits)", "damage"]
+    if shrunk:
+        header += ["parameters", "MACs ratio"]
+    if checked:
+        header += ["predicted dL", "measured dL"]
+    rows = []
+    for layer in plan.layers:
+        row = [
+            layer.name,
+            layer.spec.kind,
+            "x".join(map(str, layer.spec.weight_shape)),
+            layer.scheme.label(),
+            round(layer.cost_bits / layer.spec.numel, 3),
+            layer.cost_bits,
+            "" if layer.damage is None else float(layer.damage),
+        ]
+        cost = costs.get(layer.name)
+        if shrunk:
+            if cost is None:
+                row += ["", ""]
+            else:
+                (before, after), (dense, executed) = cost["parameters"], cost["macs"]
+                ratio = f"{dense / executed:.2f}x" if executed else ""
+                row += [f"{before:,} -> {after:,}", ratio]
+        if checked:
+            check = checked.get(layer.name)
+            row += ["", ""] if check is None else [check["predicted"], check["measured"]]
+        rows.append(row)
+    return _table(header, rows)
 
 
 def _prediction_lines(prediction: dict[str, float] | None) -> list[str]:

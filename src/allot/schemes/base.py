@@ -151,12 +151,12 @@ def parse_scheme(text: str) -> Scheme:
     kind, *args = text.strip().split(":")
     if kind not in SCHEMES:
         raise ConfigError(
-            f"unknown scheme {kind!r} in {text!r}; known: {', '.join(SCHEMES.names())}"
+            f"unknown scheme {kind!r:.40} in {text!r:.80}; known: {', '.join(SCHEMES.names())}"
         )
     try:
         return SCHEMES[kind].parse_args(args)
     except (TypeError, ValueError, IndexError) as exc:
-        raise ConfigError(f"cannot parse scheme {text!r}: {exc}") from exc
+        raise ConfigError(f"cannot parse scheme {text!r:.80}: {exc!s:.200}") from exc
 
 
 def check_int_field(owner: str, name: str, value: Any, low: int, high: int | None = None) -> None:

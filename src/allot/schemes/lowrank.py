@@ -1,11 +1,24 @@
-"""LowRank: truncated SVD of the folded weight, stored as two float32 factors.
+"""LowRank: the folded weight as a product of two float32 factors, fitted by truncated SVD.
 
-Storage of a layer in bits: 32 * rank * (out + fan_in).
+Two fits store exactly the same thing (factors U (out, rank) and V (rank, fan_in); a layer of
+rank r stores 32 r (out + fan_in) bits):
+- `plain`: the truncated SVD of W, the best rank-r approximation in Frobenius norm
+  (Eckart-Young); needs no data.
+- `whitened`: activation-whitened SVD (SVD-LLM's truncation). With M the layer's mean input
+  second moment on the calibration data (`LayerStats`), damped to M + lam I and factored
+  S S' = M + lam I (`damped_cholesky`), the SVD of W S = P diag(s) Q' is truncated to r and
+  V := sqrt(s_r) Q_r' S^-1, U := P_r sqrt(s_r). Then (W - U V) S = the discarded part of the SVD,
+  so the discarded squared singular values are exactly the damped output error
+  tr(D (M + lam I) D') = mean over calibration input rows x of |D x|^2 + lam |D|^2, D = U V - W,
+  and no rank-r matrix has a smaller one. lam is `DAMPING` times the mean diagonal of M, as in
+  steering and error feedback, so a whitened re-fit to feedback's target under the compressed
+  model's inputs (`refit`) minimises feedback's objective exactly over all rank-r weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -15,10 +28,20 @@ from allot.discover import LayerSpec, fold_weight_2d
 from allot.exceptions import ConfigError
 from allot.modules.base import check_layer_tensors
 from allot.modules.lowrank import LowRankLayer
+from allot.profile.activations import damped_cholesky
+from allot.profile.cache import Fingerprint
 from allot.schemes.base import Scheme, check_int_field, register_scheme
+from allot.schemes.steer import DAMPING
 
 if TYPE_CHECKING:
     from allot.profile.engine import LayerProfile
+    from allot.stats import LayerStats
+
+FITS = ("plain", "whitened")
+REMEMBERED = 2
+"""Whitened SVDs kept in memory, by the content of their weight and statistics: scoring fits
+every rank of a layer's grid in turn, and they all truncate the same SVD."""
+_whitened: OrderedDict[str, Whitened] = OrderedDict()
 
 
 def svd_factors(weight_2d: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -29,16 +52,72 @@ def svd_factors(weight_2d: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return (u[:, :rank] * root).to(torch.float32), (root[:, None] * vh[:rank]).to(torch.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Whitened:
+    """The whitened SVD of one folded weight under one layer's input statistics, float64:
+    W S = `left` diag(`values`) `right`', S the lower Cholesky factor of M + `damping` I."""
+
+    left: Tensor
+    values: Tensor
+    right: Tensor
+    cholesky: Tensor
+    damping: float
+
+    @classmethod
+    def of(cls, weight_2d: Tensor, stats: LayerStats) -> Whitened:
+        """Factor M + lam I (lam = `DAMPING` mean diag M, raised until it factors) and take the
+        SVD of W S (the last `REMEMBERED` results are reused for the same weight and
+        statistics)."""
+        key = Fingerprint().tensor(weight_2d).value(stats.samples)
+        if stats.input_cov is not None:
+            key.tensor(stats.input_cov)
+        digest = key.hexdigest()
+        if digest in _whitened:
+            _whitened.move_to_end(digest)
+            return _whitened[digest]
+        _whitened[digest] = cls._compute(weight_2d, stats)
+        while len(_whitened) > REMEMBERED:
+            _whitened.popitem(last=False)
+        return _whitened[digest]
+
+    @classmethod
+    def _compute(cls, weight_2d: Tensor, stats: LayerStats) -> Whitened:
+        cholesky, lam = damped_cholesky(stats, DAMPING)
+        w = weight_2d.detach().to(torch.float64)
+        left, values, right_t = torch.linalg.svd(w @ cholesky, full_matrices=False)
+        return cls(left, values, right_t.T, cholesky, lam)
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        """U = P_r sqrt(s_r) (out, rank) and V = sqrt(s_r) Q_r' S^-1 (rank, fan_in), float64."""
+        root = self.values[:rank].sqrt()
+        scaled = self.right[:, :rank] * root  # (fan_in, rank) = (sqrt(s_r) Q_r')'
+        v_t = torch.linalg.solve_triangular(self.cholesky.T, scaled, upper=True)
+        return self.left[:, :rank] * root, v_t.T
+
+    def discarded(self, rank: int) -> float:
+        """sum of s_i^2 for i > rank: the damped output error of the rank-`rank` truncation
+        (squared output units, mean over input rows)."""
+        return float(self.values[rank:].square().sum())
+
+
 @register_scheme
 @dataclasses.dataclass(frozen=True)
 class LowRank(Scheme):
-    """Rank-`rank` factorisation W ~= U V run as a bottleneck of `rank` channels; `rank:8`."""
+    """Rank-`rank` factorisation W ~= U V run as a bottleneck of `rank` channels; `rank:8`
+    (plain truncated SVD) or `rank:8:whitened` (activation-whitened SVD, needs the layer's
+    profile)."""
 
     kind: ClassVar[str] = "rank"
     rank: int
+    fit: str = "plain"
 
     def __post_init__(self) -> None:
         check_int_field("LowRank", "rank", self.rank, 1)
+        if self.fit not in FITS:
+            raise ConfigError(f"LowRank.fit must be one of {FITS}, got {self.fit!r:.40}")
+
+    def label(self) -> str:
+        return f"rank{self.rank}" + ("-whitened" if self.fit == "whitened" else "")
 
     def check(self, spec: LayerSpec) -> None:
         full = min(spec.out_features, spec.fan_in)
@@ -61,7 +140,30 @@ class LowRank(Scheme):
     ) -> LowRankLayer:
         check_layer_tensors(spec, weight, bias)
         self.check(spec)
-        u, v = svd_factors(fold_weight_2d(weight), self.rank)
+        if self.fit == "plain":
+            u, v = svd_factors(fold_weight_2d(weight), self.rank)
+            return LowRankLayer.from_factors(spec, u, v, bias)
+        if profile is None:
+            raise ConfigError(
+                f"{self.label()} fits to calibration data: give the layer's profile (allot.api "
+                "compress does), or use the plain fit (rank:R)"
+            )
+        return self.refit(weight, bias, spec, profile.inputs())
+
+    @property
+    def refits(self) -> bool:
+        """The whitened fit re-fits to new input statistics; the plain fit uses none."""
+        return self.fit == "whitened"
+
+    def refit(
+        self, target: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats
+    ) -> LowRankLayer:
+        """The whitened rank-`rank` truncation of `target` under the input statistics `stats`."""
+        if not self.refits:
+            return super().refit(target, bias, spec, stats)
+        check_layer_tensors(spec, target, bias)
+        self.check(spec)
+        u, v = Whitened.of(fold_weight_2d(target), stats).factors(self.rank)
         return LowRankLayer.from_factors(spec, u, v, bias)
 
     def empty(self, spec: LayerSpec) -> LowRankLayer:
@@ -70,6 +172,6 @@ class LowRank(Scheme):
 
     @classmethod
     def parse_args(cls, args: list[str]) -> LowRank:
-        if len(args) != 1:
-            raise ValueError("expected rank:RANK, e.g. rank:8")
-        return cls(int(args[0]))
+        if len(args) not in (1, 2) or (len(args) == 2 and args[1] not in FITS):
+            raise ValueError("expected rank:RANK or rank:RANK:whitened, e.g. rank:8:whitened")
+        return cls(int(args[0]), *args[1:])

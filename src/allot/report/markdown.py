@@ -70,8 +70,18 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
             "`Data(evaluate=...)`) to measure them.",
         ]
     lines += ["", "## Per-layer plan", ""]
+    operator = plan.metadata.get("operator_error") or {}
     lines += _table(
-        ["layer", "kind", "weight shape", "scheme", "bits/weight", "cost (bits)", "damage"],
+        [
+            "layer",
+            "kind",
+            "weight shape",
+            "scheme",
+            "bits/weight",
+            "cost (bits)",
+            "damage",
+            *(["operator error", "bound"] if operator else []),
+        ],
         [
             [
                 layer.name,
@@ -81,10 +91,18 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
                 round(layer.cost_bits / layer.spec.numel, 3),
                 layer.cost_bits,
                 "" if layer.damage is None else float(layer.damage),
+                *(_operator_cells(operator.get(layer.name)) if operator else []),
             ]
             for layer in plan.layers
         ],
     )
+    if operator:
+        lines += [
+            "",
+            "*operator error*: the relative operator-norm error |W_hat - W|_2 / |W|_2 of each "
+            "layer as fitted (before any refinement); *bound*: the bound its scheme states for it "
+            "(ALDS: sqrt(k) max_i sigma_{j+1}(W_i) / sigma_1(W) for k groups at rank j).",
+        ]
     lines += _prediction_lines(plan.metadata.get("prediction"))
     lines += _geometry_lines(plan.metadata.get("geometry"))
     if plan.folded:
@@ -111,6 +129,12 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
     path = directory / REPORT
     atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
+
+
+def _operator_cells(entry: dict[str, float | None] | None) -> list[Any]:
+    if entry is None:
+        return ["", ""]
+    return [float(entry["measured"]), "" if entry["bound"] is None else float(entry["bound"])]
 
 
 def _prediction_lines(prediction: dict[str, float] | None) -> list[str]:

@@ -53,10 +53,13 @@ def test_each_model_is_its_formula(profile) -> None:
         estimate = profile.hessian_estimates()[layer]
         stats = profile.inputs(layer)
         d2 = fold_weight_2d(d)
+        weight = profile.model.get_submodule(layer).weight.detach()
         expected = {
             "weight": float(d.pow(2).sum()),
             "weight-relative": float(d.pow(2).sum())
             / float(profile.model.get_submodule(layer).weight.pow(2).sum()),
+            "operator-relative": float(torch.linalg.matrix_norm(d2, ord=2))
+            / float(torch.linalg.matrix_norm(fold_weight_2d(weight).double(), ord=2)),
             "output": float(((d2 @ stats.input_cov) * d2).sum() / stats.samples),
             "trace": float(g.mul(d).sum())
             + 0.5 * estimate.trace / d.numel() * float(d.pow(2).sum()),

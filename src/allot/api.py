@@ -31,7 +31,13 @@ from allot.fold import find_conv_bn_pairs, fold_batchnorm
 from allot.methods import Method, get_method
 from allot.plan import LayerPlan, Plan
 from allot.policy import Policy
-from allot.prediction import check_prediction, geometry, geometry_json, plan_deltas
+from allot.prediction import (
+    check_prediction,
+    geometry,
+    geometry_json,
+    operator_errors,
+    plan_deltas,
+)
 from allot.profile.cache import Cache
 from allot.profile.engine import Profile, Settings
 from allot.profile.measure import mean_loss
@@ -266,6 +272,9 @@ def compress_scored(scored: Scored, budget: Budget, refinement: Refinement | Non
         compressed = _refine(scored, _apply(scored, plan, choice), plan, refinement)
     plan.metadata["pareto"] = _pareto(options, n_weights)
     plan.metadata["layers"] = layer_costs(work, compressed, plan, data)
+    bounded = operator_errors(work, table.fitted(choice), plan)
+    if bounded:
+        plan.metadata["operator_error"] = bounded
     error_model = get_error_model(method.error_model)
     if error_model.curvature or error_model.loss_change:
         deltas = plan_deltas(work, compressed, plan)

@@ -43,10 +43,13 @@ class CandidateTable:
     error_model: str
 
     def options(self) -> Options:
-        """Cost/damage arrays for the allocators."""
+        """Cost/damage arrays for the allocators, with the schemes' families when any has one
+        (0 for a scheme in every family)."""
+        families = [np.array([c.scheme.family or 0 for c in row]) for row in self.candidates]
         return Options(
             [np.array([c.cost_bits for c in row], dtype=np.float64) for row in self.candidates],
             [np.array([c.damage for c in row], dtype=np.float64) for row in self.candidates],
+            families if any(f.any() for f in families) else None,
         )
 
     def chosen(self, choice: list[int]) -> list[Candidate]:

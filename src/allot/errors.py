@@ -7,6 +7,9 @@ damages are only comparable within one model:
 - `weight`: |d|^2, squared weight error.
 - `weight-relative`: |d|^2 / |W|^2, the share of the layer's weight energy the change removes (for a
   truncated SVD: the discarded share of the squared singular values; SVD-Energy equalises it).
+- `operator-relative`: |d|_2 / |W|_2 on the folded (out, fan_in) matrices, the relative
+  operator-norm (largest singular value) error: the worst-case share of any input's output that
+  the change alters. ALDS equalises it (bounded by `Grouped.error_bound`).
 - `output`: mean over calibration input patches x of |dW x|^2 = tr(dW C dW') / n with
   C = sum x x' (the layer's input second moment): the squared output error the layer adds.
 - `second-order`: g.d + 1/2 d'H_ii d, the calibration-loss change to second order, with one exact
@@ -24,7 +27,7 @@ damages are only comparable within one model:
   pass over the calibration data per candidate, loss units): no Taylor truncation, so it holds for
   changes too large for the second-order model (a low-rank cut of a confident classifier's layer,
   where the softmax saturates and 1/2 d'H d is far below the real loss; docs/lowrank.md).
-Later models (the ALDS bound) register here the same way.
+Other models register here the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from allot.discover import fold_weight_2d
@@ -76,6 +80,25 @@ def _relative_weight_error(delta: Tensor, layer: LayerProfile) -> float:
     if energy == 0:
         raise ConfigError(f"layer {layer.name!r} has an all-zero weight: no relative error")
     return _weight_error(delta, layer) / energy
+
+
+def spectral_norm(weight: Tensor) -> float:
+    """|W|_2, the largest singular value of the folded (out, fan_in) matrix: the square root of
+    the largest eigenvalue of its smaller Gram matrix, in float64 (several times cheaper than an
+    SVD of a wide convolution weight)."""
+    m = fold_weight_2d(weight.detach()).double()
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt())
+
+
+def _relative_operator_errors(deltas: Deltas, profile: Profile) -> Damages:
+    damages = {}
+    for name, ds in deltas.items():
+        norm = spectral_norm(profile.layer(name).weight())
+        if norm == 0:
+            raise ConfigError(f"layer {name!r} has an all-zero weight: no relative error")
+        damages[name] = [spectral_norm(d) / norm for d in ds]
+    return damages
 
 
 def _output_error(delta: Tensor, layer: LayerProfile) -> float:
@@ -134,6 +157,11 @@ for _model in (
         "weight-relative",
         per_perturbation(_relative_weight_error),
         "share of the weight's energy removed |dW|_F^2 / |W|_F^2",
+    ),
+    ErrorModel(
+        "operator-relative",
+        _relative_operator_errors,
+        "relative operator-norm error |dW|_2 / |W|_2 (ALDS)",
     ),
     ErrorModel("output", per_perturbation(_output_error), "mean squared output error |dW x|^2"),
     ErrorModel(

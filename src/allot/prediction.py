@@ -6,6 +6,8 @@ weight minus the BatchNorm-folded float weight), and the calibration `Profile`:
   without the cross-layer terms d_i' H_ij d_j, next to the measured change of the calibration loss
   and of the held-out loss (all in the task loss's units: nats for cross-entropy), and the same
   per layer, each layer changed alone.
+- `operator_errors`: per layer, the relative operator-norm error |W_hat - W|_2 / |W|_2 the fitted
+  scheme leaves, next to the bound the scheme states for it (ALDS's, `Grouped.error_bound`).
 - `geometry`: per layer, the share of |d|^2 and of d'H_ii d that lies along the layer's top Lanczos
   eigenvectors (the high-curvature "minor axes"; the rest of the space holds the major axes), the
   loss change along its negative-curvature directions, and whether the layer sits at a saddle.
@@ -13,6 +15,7 @@ weight minus the BatchNorm-folded float weight), and the calibration `Profile`:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +24,7 @@ from torch import Tensor, nn
 
 from allot.data import Data
 from allot.discover import get_weight
+from allot.errors import spectral_norm
 from allot.evaluate import metrics
 from allot.modules.base import dense_weight
 from allot.plan import Plan
@@ -94,6 +98,31 @@ def check_prediction(
         measured_held_out=None if after is None or before is None else after - before,
         layers=layers,
     )
+
+
+def operator_errors(
+    work: nn.Module, fitted: Mapping[str, nn.Module], plan: Plan
+) -> dict[str, dict[str, float | None]]:
+    """{layer: {"measured": |W_hat - W|_2 / |W|_2, "bound": the scheme's bound or None}} for
+    every layer of `plan` fitted in `fitted` (modules as scoring fitted them, before any
+    refinement), when some layer's scheme states a bound; {} otherwise."""
+    bounds = {}
+    for layer in plan.layers:
+        weight, _ = get_weight(work, layer.name)
+        bounds[layer.name] = layer.scheme.error_bound(weight)
+    if all(bound is None for bound in bounds.values()):
+        return {}
+    result: dict[str, dict[str, float | None]] = {}
+    for layer in plan.layers:
+        if layer.name not in fitted:
+            continue
+        weight, _ = get_weight(work, layer.name)
+        delta = dense_weight(fitted[layer.name]).detach() - weight
+        result[layer.name] = {
+            "measured": spectral_norm(delta) / spectral_norm(weight),
+            "bound": bounds[layer.name],
+        }
+    return result
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from allot.exceptions import ConfigError
 from allot.modules.base import dense_weight, layer_storage_bits
 from allot.schemes import (
     SCHEMES,
+    Grouped,
     Keep,
     LowRank,
     Quant,
@@ -48,6 +49,9 @@ EXAMPLES: list[tuple[str, Scheme]] = [
     ("rank:3", LowRank(3)),
     ("rank:2:whitened", LowRank(2, "whitened")),
     ("rank:3:whitened", LowRank(3, "whitened")),
+    ("grouped:1:3", Grouped(1, 3)),
+    ("grouped:2:2", Grouped(2, 2)),  # 2 and 4 divide every case's input channels
+    ("grouped:4:1", Grouped(4, 1)),
     ("sparse:0.05", Sparse(0.05)),
     ("sparse:1", Sparse(1.0)),
     ("keep", Keep()),
@@ -55,6 +59,7 @@ EXAMPLES: list[tuple[str, Scheme]] = [
     ("quant:2+sparse:0.05", Sum((Quant(2), Sparse(0.05)))),
     ("rank:1+sparse:0.05", Sum((LowRank(1), Sparse(0.05)))),
     ("rank:1:whitened+sparse:0.05", Sum((LowRank(1, "whitened"), Sparse(0.05)))),
+    ("grouped:2:1+sparse:0.05", Sum((Grouped(2, 1), Sparse(0.05)))),
     (
         "quant:2:g4:steered+rank:1+sparse:0.05",
         Sum((Quant(2, 4, "steered"), LowRank(1), Sparse(0.05))),

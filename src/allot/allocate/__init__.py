@@ -10,13 +10,16 @@ the same three operations, so callers never branch on which one a method uses:
 
 Registered allocators: ``"knapsack"`` (exact multiple-choice knapsack both ways, with the convex
 Pareto sweep as its sequence), ``"greedy"`` (points of the convex Pareto sweep), ``"uniform"``
-(the same grid index in every layer) and ``"minmax"`` (the least largest per-layer damage: one
-damage threshold for all layers, found exactly). New ones register with `register_allocator`.
+(the same grid index in every layer), ``"minmax"`` (the least largest per-layer damage: one
+damage threshold for all layers, found exactly) and ``"alds"`` (ALDS's search for the same
+objective: global thresholds alternating with a local choice of each layer's option family, from
+15 seeds). New ones register with `register_allocator`.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from allot.allocate.alds import alds, alds_sequence, alds_within_damage
 from allot.allocate.greedy import greedy, greedy_within_damage, lagrangian, lower_hull, pareto_sweep
 from allot.allocate.knapsack import minimize_cost, minimize_damage
 from allot.allocate.minmax import minmax, minmax_within_damage, threshold_sequence
@@ -90,11 +93,24 @@ register_allocator(
     )
 )
 
+register_allocator(
+    Allocator(
+        "alds",
+        alds,
+        alds_within_damage,
+        alds_sequence,
+        "ALDS: per-layer family (groups) and shared threshold alternated from 15 seeds",
+    )
+)
+
 __all__ = [
     "ALLOCATORS",
     "Allocator",
     "Choice",
     "Options",
+    "alds",
+    "alds_sequence",
+    "alds_within_damage",
     "get_allocator",
     "greedy",
     "greedy_within_damage",

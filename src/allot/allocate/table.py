@@ -2,7 +2,9 @@
 
 Option ``j`` of layer ``i`` is one candidate scheme for that layer. Its cost is in bits (storage)
 unless the caller says otherwise; its damage is the error model's prediction and may be negative
-(a candidate that lowers the loss). A *choice* is one option index per layer.
+(a candidate that lowers the loss). A *choice* is one option index per layer. Optionally each option names its structural *family*
+(a positive integer, 0 for an option that belongs to every family): allocators that search over
+structures per layer (ALDS: the number of input-channel groups) read it; the others ignore it.
 
 Totals are summed with `math.fsum`, which rounds the exact sum once: the total of a choice does not
 depend on the order of the layers, and every allocator checks budgets against these same totals.
@@ -41,6 +43,28 @@ def _as_vectors(name: str, values: Sequence[ArrayLike]) -> tuple[np.ndarray, ...
     return tuple(vectors)
 
 
+def _as_families(
+    values: Sequence[ArrayLike], costs: tuple[np.ndarray, ...]
+) -> tuple[np.ndarray, ...]:
+    """Per-layer read-only int64 family labels; ConfigError unless one whole number >= 0 per
+    option of every layer."""
+    if len(values) != len(costs):
+        raise ConfigError(
+            f"families has {len(values)} layers but costs has {len(costs)}; give both per layer"
+        )
+    labels = []
+    for i, (value, cost) in enumerate(zip(values, costs, strict=True)):
+        vector = np.asarray(value)
+        if vector.shape != cost.shape or not np.issubdtype(vector.dtype, np.integer):
+            raise ConfigError(f"families[{i}] must hold one whole number per option of layer {i}")
+        if np.any(vector < 0):
+            raise ConfigError(f"families[{i}] has a negative label: {vector.tolist()}")
+        vector = vector.astype(np.int64)
+        vector.flags.writeable = False
+        labels.append(vector)
+    return tuple(labels)
+
+
 @dataclass(frozen=True, eq=False)
 class Options:
     """Cost (bits unless said otherwise) and damage of every option of every layer.
@@ -49,11 +73,14 @@ class Options:
     array-likes is accepted; they are stored as tuples of read-only 1-D float64 arrays. Raises
     ConfigError unless there is at least one layer, every layer has at least one option, costs and
     damages have the same shape per layer, all values are finite and all costs are non-negative.
-    Equality is identity: two tables with equal values are still two tables.
+    ``families[i][j]``, when given, is option ``j``'s family (whole numbers >= 0, 0 meaning every
+    family); without it every option is in one family. Equality is identity: two tables with
+    equal values are still two tables.
     """
 
     costs: tuple[np.ndarray, ...]
     damages: tuple[np.ndarray, ...]
+    families: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self) -> None:
         costs = _as_vectors("costs", self.costs)
@@ -74,6 +101,8 @@ class Options:
                 raise ConfigError(f"layer {i} has a negative cost: {cost.tolist()}")
         object.__setattr__(self, "costs", costs)
         object.__setattr__(self, "damages", damages)
+        if self.families is not None:
+            object.__setattr__(self, "families", _as_families(self.families, costs))
 
     @property
     def num_layers(self) -> int:

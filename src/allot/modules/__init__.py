@@ -7,6 +7,7 @@ from allot.modules.base import (
     dense_weight,
     layer_storage_bits,
 )
+from allot.modules.grouped import GroupedLayer
 from allot.modules.lowrank import LowRankLayer
 from allot.modules.packing import pack, packed_nbytes, unpack
 from allot.modules.quant import QuantizedLayer
@@ -14,6 +15,7 @@ from allot.modules.sparse import SparseLayer
 
 __all__ = [
     "CompressedLayer",
+    "GroupedLayer",
     "LowRankLayer",
     "QuantizedLayer",
     "SparseLayer",

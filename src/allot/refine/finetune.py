@@ -25,6 +25,10 @@ def finetune(
     progress: bool = True,
 ) -> nn.Module:
     """Train `model` (the plan applied) in place for `settings.epochs` epochs; returns it in eval
-    mode. `reference` and `plan` are not needed: the model holds the plan's structure."""
+    mode. `reference` and `plan` are not needed: the model holds the plan's structure. Zero
+    epochs train nothing and need no training batches (`--refine-epochs 0` turns a method's
+    fine-tuning off)."""
+    if settings.epochs == 0:
+        return model.eval()
     train(model, data, settings, progress=progress, label="fine-tuning")
     return model

@@ -99,7 +99,20 @@ def checked_metadata(plan: Plan) -> dict[str, Any]:
         )
     ):
         raise PlanError("plan.metadata.prediction.layers: expected per layer predicted, measured")
+    operator = meta.get("operator_error") or {}
+    if not (
+        isinstance(operator, dict)
+        and all(
+            isinstance(e, dict)
+            and _number(e.get("measured"))
+            and e.get("measured") is not None
+            and _number(e.get("bound"))
+            for e in operator.values()
+        )
+    ):
+        raise PlanError("plan.metadata.operator_error: expected per layer measured, bound")
     return {
+        "operator_error": operator,
         "prediction": prediction,
         "geometry": geometry,
         "pareto": pareto,
@@ -161,7 +174,17 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
             "`Data(evaluate=...)`) to measure them.",
         ]
     lines += ["", "## Per-layer plan", ""]
-    lines += _layer_lines(plan, meta["layers"], (meta["prediction"] or {}).get("layers") or {})
+    operator = meta["operator_error"]
+    lines += _layer_lines(
+        plan, meta["layers"], (meta["prediction"] or {}).get("layers") or {}, operator
+    )
+    if operator:
+        lines += [
+            "",
+            "*operator error*: the relative operator-norm error |W_hat - W|_2 / |W|_2 of each "
+            "layer as fitted (before any refinement); *bound*: the bound its scheme states for it "
+            "(ALDS: sqrt(k) max_i sigma_{j+1}(W_i) / sigma_1(W) for k groups at rank j).",
+        ]
     lines += _prediction_lines(meta["prediction"])
     lines += _geometry_lines(meta["geometry"])
     if plan.folded:
@@ -191,18 +214,24 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
 
 
 def _layer_lines(
-    plan: Plan, costs: dict[str, dict[str, list[int]]], checked: dict[str, dict[str, float]]
+    plan: Plan,
+    costs: dict[str, dict[str, list[int]]],
+    checked: dict[str, dict[str, float]],
+    operator: dict[str, dict[str, float | None]],
 ) -> list[str]:
     """The per-layer table: scheme, storage and predicted damage of every layer; where some layer
     stores fewer numbers than its float weight (a factorized layer), its parameters before and
     after and its multiply-accumulates ratio; where the plan's predictions were checked, each
-    changed layer's predicted and measured loss change (that layer alone changed)."""
+    changed layer's predicted and measured loss change (that layer alone changed); where operator
+    errors were measured, each layer's and its scheme's bound."""
     shrunk = any(c["parameters"][1] < c["parameters"][0] for c in costs.values())
     header = ["layer", "kind", "weight shape", "scheme", "bits/weight", "cost (bits)", "damage"]
     if shrunk:
         header += ["parameters", "MACs ratio"]
     if checked:
         header += ["predicted dL", "measured dL"]
+    if operator:
+        header += ["operator error", "bound"]
     rows = []
     for layer in plan.layers:
         row = [
@@ -225,8 +254,16 @@ def _layer_lines(
         if checked:
             check = checked.get(layer.name)
             row += ["", ""] if check is None else [check["predicted"], check["measured"]]
+        if operator:
+            row += _operator_cells(operator.get(layer.name))
         rows.append(row)
     return _table(header, rows)
+
+
+def _operator_cells(entry: dict[str, float | None] | None) -> list[Any]:
+    if entry is None:
+        return ["", ""]
+    return [float(entry["measured"]), "" if entry["bound"] is None else float(entry["bound"])]
 
 
 def _prediction_lines(prediction: dict[str, float] | None) -> list[str]:

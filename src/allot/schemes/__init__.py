@@ -9,6 +9,7 @@ from allot.schemes.base import (
     scheme_from_json,
 )
 from allot.schemes.combo import Sum
+from allot.schemes.grouped import Grouped
 from allot.schemes.keep import Keep
 from allot.schemes.lowrank import LowRank
 from allot.schemes.quant import Quant
@@ -17,6 +18,7 @@ from allot.schemes.sparse import Sparse
 __all__ = [
     "SCHEMES",
     "Grid",
+    "Grouped",
     "Keep",
     "LowRank",
     "Quant",

@@ -84,6 +84,20 @@ class Scheme(abc.ABC):
         return None
 
     @property
+    def family(self) -> int | None:
+        """The structural family this scheme belongs to, a positive integer, for allocators that
+        search over families per layer (ALDS's local step: the number of input-channel groups of
+        `Grouped`); None when it belongs to every family (the default: Keep, and schemes with no
+        such structure)."""
+        return None
+
+    def error_bound(self, weight: Tensor) -> float | None:
+        """An upper bound on the relative operator-norm error |W_hat - W|_2 / |W|_2 that
+        `compress` leaves on `weight` (of the layer's shape), for schemes that state one; None
+        otherwise. Reports show it next to the measured error."""
+        return None
+
+    @property
     def refits(self) -> bool:
         """Whether `refit` can fit this scheme to a target under new input statistics."""
         return False

@@ -1,4 +1,4 @@
-"""The `allot` command: compress, evaluate, analyze, report, zoo, demo.
+"""The `allot` command: compress, refine, evaluate, analyze, report, zoo, demo.
 
 Every `AllotError` becomes one line on stderr and exit code 2 (`--debug` shows the traceback).
 """
@@ -6,6 +6,7 @@ Every `AllotError` becomes one line on stderr and exit code 2 (`--debug` shows t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,15 +22,15 @@ from allot.budget import Budget
 from allot.data import Data
 from allot.errors import ERROR_MODELS
 from allot.evaluate import file_bytes, latencies, macs, metrics, parameter_count
-from allot.exceptions import AllotError, ArtifactError, DataError
+from allot.exceptions import AllotError, ArtifactError, ConfigError, DataError
 from allot.files import read_json, write_json
 from allot.io import WEIGHTS, load, read_plan, save
-from allot.methods import METHODS, get_method
+from allot.methods import METHODS, Method, get_method
 from allot.plan import Plan
 from allot.policy import Policy
 from allot.profile.cache import Cache, default_directory
 from allot.profile.measure import mean_loss
-from allot.refine import REFINERS
+from allot.refine import REFINERS, get_refiner
 from allot.report.markdown import write_report
 from allot.source import (
     LOSSES,
@@ -114,7 +115,7 @@ def _cache(args: argparse.Namespace) -> Cache:
     return Cache(None if args.no_cache else default_directory())
 
 
-def _budget(args: argparse.Namespace) -> Budget:
+def _budget(args: argparse.Namespace, default: Budget | None = None) -> Budget:
     if args.lossless:
         return Budget("lossless")
     if args.max_damage is not None:
@@ -123,6 +124,8 @@ def _budget(args: argparse.Namespace) -> Budget:
         value = getattr(args, kind)
         if value is not None:
             return Budget(kind, value)
+    if default is not None:
+        return default
     raise AllotError(
         "give a budget: --bits, --ratio, --avg-bits, --bytes, --max-damage or --lossless"
     )
@@ -134,12 +137,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
         raise AllotError("name a zoo model (see `allot zoo list`) or give --model FILE.py:FACTORY")
     if args.model_file and args.model:
         raise AllotError("give either a zoo model name or --model FILE.py:FACTORY, not both")
-    budget = _budget(args)
-    policy = Policy.parse(args.keep or (), args.pin or ())
-    refinement = _refinement(args)
+    # --scheme gives every layer one scheme, which fixes the size: the budget then only checks
+    # it, by default that the plan is no larger than float.
+    budget = _budget(args, Budget("ratio", 1.0) if args.scheme else None)
+    # --scheme's catch-all pin comes first, so that --keep and --pin refine it
+    scheme = Policy.parse((), [f"*={args.scheme}"] if args.scheme else ())
+    policy = Policy((*scheme.rules, *Policy.parse(args.keep or (), args.pin or ()).rules))
+    refinement = _refinement(args, get_method(args.method), Path(args.out))
     model = float_model(ref, args.weights)
     data = _data(args, ref, model, args.data)
-    float_bytes = file_bytes(model)
     result = api.compress(
         model,
         data,
@@ -154,33 +160,99 @@ def cmd_compress(args: argparse.Namespace) -> None:
     )
     if args.weights:
         result.plan.metadata["float_weights"] = str(Path(args.weights).resolve())
-    out = save(result.model, result.plan, args.out)
+    _write_artifact(ref, model, data, result.model, result.plan, Path(args.out), budget.describe())
+
+
+def _write_artifact(
+    ref: str, model: nn.Module, data: Data, compressed: nn.Module, plan: Plan, out: Path, how: str
+) -> None:
+    """Save the artifact, its evaluation (float and compressed) and report, and print them."""
+    float_bytes = file_bytes(model)
+    out = save(compressed, plan, out)
     artifact_bytes = (out / WEIGHTS).stat().st_size
     evaluation = {
         "float": _evaluation(model, data, float_bytes, 1.0, 1.0),
         "compressed": _evaluation(
-            result.model, data, artifact_bytes, result.plan.ratio, float_bytes / artifact_bytes
+            compressed, data, artifact_bytes, plan.ratio, float_bytes / artifact_bytes
         ),
     }
     write_json(out / EVALUATION, evaluation)
-    report = write_report(result.plan, evaluation, out)
+    report = write_report(plan, evaluation, out)
     _print_evaluation(f"{ref} (float)", evaluation["float"])
-    _print_evaluation(
-        f"{ref} ({result.plan.method}, {budget.describe()})", evaluation["compressed"]
-    )
+    _print_evaluation(f"{ref} ({plan.method}, {how})", evaluation["compressed"])
     console.print(f"artifact: {out} ({artifact_bytes:,} bytes); report: {report}")
 
 
-def _refinement(args: argparse.Namespace) -> api.Refinement | None:
-    """The refinement `--refine`, `--refine-epochs` and `--refine-lr` ask for (None: the method's)."""
-    settings = {
+CHECKPOINT = "checkpoint"
+"""Where a refinement that checkpoints (a settings field `checkpoint`) keeps its state in --out."""
+
+
+def _refinement(
+    args: argparse.Namespace, method: Method | None, out: Path, name: str | None = None
+) -> api.Refinement | None:
+    """The refinement `--refine` (or `name`), `--refine-epochs`, `--refine-lr`,
+    `--refine-setting` and `--resume` ask for; None: the method's own. A refinement whose
+    settings have a `checkpoint` keeps it in OUT/checkpoint."""
+    settings: dict[str, Any] = {
         key: value
         for key, value in (("epochs", args.refine_epochs), ("lr", args.refine_lr))
         if value is not None
     }
-    if args.refine is None and not settings:
+    for text in args.refine_setting or ():
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--refine-setting {text!r}: expected KEY=VALUE, e.g. steps=10")
+        settings[key] = _setting_value(value)
+    name = name or args.refine
+    if method is None:
+        refinement = api.Refinement(name, settings)
+    else:
+        refinement = api.Refinement.of(method, name, **settings)
+    if refinement.name is None:
+        if settings or args.resume:
+            raise ConfigError(
+                "the method runs no refinement to give settings to; name one with --refine"
+            )
         return None
-    return api.Refinement.of(get_method(args.method), args.refine, **settings)
+    fields = {f.name for f in dataclasses.fields(get_refiner(refinement.name).settings)}
+    if "checkpoint" in fields and "checkpoint" not in refinement.settings:
+        refinement.settings["checkpoint"] = str(out / CHECKPOINT)
+    if args.resume:
+        if "resume" not in fields:
+            raise ConfigError(f"refinement {refinement.name!r} keeps no checkpoint to resume")
+        refinement.settings["resume"] = True
+    return refinement
+
+
+def _setting_value(text: str) -> Any:
+    """A --refine-setting value: a JSON number, true/false/null, or else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_refine(args: argparse.Namespace) -> None:
+    target, out = Path(args.artifact), Path(args.out)
+    if not target.is_dir():
+        raise ArtifactError(f"{target} is not an artifact directory (made by `allot compress`)")
+    if out.resolve() == target.resolve():
+        raise ArtifactError("--out must be another directory than the artifact being refined")
+    name = "lc" if args.lc else args.refine
+    if name is None:
+        raise ConfigError("name the refinement: --lc, or --refine NAME")
+    plan = read_plan(target)
+    if args.model_file is not None:
+        factory = file_factory(args.model_file)
+        compressed, plan = load(target, lambda: build(factory, args.model_file))
+    else:
+        compressed, plan = load(target)
+    reference = _artifact_reference(args, plan)
+    data = _data(args, plan.model, reference, args.data or _zoo_dataset(plan))
+    refinement = _refinement(args, None, out, name)
+    assert refinement is not None
+    api.refine_model(compressed, plan, reference, data, refinement, progress=not args.no_progress)
+    _write_artifact(plan.model, reference, data, compressed, plan, out, f"refined by {name}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -342,6 +414,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     args.model, args.model_file, args.weights, args.data = "mnist-resnet20", None, None, None
     args.loss, args.held_out, args.keep, args.pin = None, None, None, None
     args.refine, args.refine_epochs, args.refine_lr = None, None, None
+    args.refine_setting, args.resume, args.scheme = None, False, None
     args.method, args.lossless, args.ratio, args.avg_bits, args.bytes = (
         "uniform-quant",
         False,
@@ -371,6 +444,22 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
         "--lossless",
         action="store_true",
         help="smallest plan whose calibration loss is not above the float model's",
+    )
+
+
+def _add_refine_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--refine-epochs", type=int, help="epochs of a refinement that trains")
+    parser.add_argument("--refine-lr", type=float, help="learning rate of a refinement that trains")
+    parser.add_argument(
+        "--refine-setting",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any setting of the refinement, e.g. steps=10 or optimizer=sgd (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the refinement from its checkpoint in --out (LC)",
     )
 
 
@@ -412,8 +501,13 @@ def parser() -> argparse.ArgumentParser:
         choices=sorted(REFINERS),
         help="refinement after the plan is applied (default: the method's own, if any)",
     )
-    p.add_argument("--refine-epochs", type=int, help="epochs of a refinement that trains")
-    p.add_argument("--refine-lr", type=float, help="learning rate of a refinement that trains")
+    _add_refine_settings(p)
+    p.add_argument(
+        "--scheme",
+        metavar="SCHEME",
+        help="one scheme for every layer, e.g. 'quant:1+sparse:0.02' (a pin on all layers, "
+        "before --keep and --pin; no budget needed)",
+    )
     p.add_argument(
         "--keep",
         action="append",
@@ -430,6 +524,26 @@ def parser() -> argparse.ArgumentParser:
     _add_budget(p)
     _add_source(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser(
+        "refine", help="refine an artifact's compressed model (LC) and write a new artifact"
+    )
+    p.add_argument("artifact", help="artifact directory made by `allot compress`")
+    p.add_argument("--out", required=True, help="directory of the refined artifact")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--lc", action="store_true", help="learning-compression toward the artifact's plan"
+    )
+    which.add_argument("--refine", choices=sorted(REFINERS), help="another refinement")
+    _add_refine_settings(p)
+    p.add_argument(
+        "--model",
+        dest="model_file",
+        metavar="FILE.py:FACTORY",
+        help="the architecture of an artifact made from your own model (with --weights)",
+    )
+    _add_source(p)
+    p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("evaluate", help="evaluate an artifact directory or a float zoo model")
     p.add_argument("target", help="artifact directory, zoo model name, or FILE.py:FACTORY")

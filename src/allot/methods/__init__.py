@@ -1,6 +1,6 @@
 """Registered methods (importing this package registers the built-in recipes)."""
 
-from allot.methods import baselines, cet  # noqa: F401  (register the recipes)
+from allot.methods import baselines, cet, lc  # noqa: F401  (register the recipes)
 from allot.methods.base import METHODS, Method, get_method, register_method
 
 __all__ = ["METHODS", "Method", "get_method", "register_method"]

@@ -7,8 +7,9 @@ method's defaults, then the caller's overrides such as `--refine-epochs`), refus
 invalid ones with a `ConfigError` that names them.
 
 Registered: `feedback` (error feedback: re-fit each re-fittable layer on the compressed model's
-inputs, no settings) and `finetune` (a short training of the compressed model's trainable
-parameters on the data's training batches, `TrainSettings`).
+inputs, no settings), `finetune` (a short training of the compressed model's trainable
+parameters on the data's training batches, `TrainSettings`) and `lc` (learning-compression:
+train the float weights towards the plan's compressed form, `LCSettings`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from allot.exceptions import AllotError, ConfigError
 from allot.plan import Plan
 from allot.refine.feedback import feedback
 from allot.refine.finetune import finetune
+from allot.refine.lc import LCSettings, learning_compression
 from allot.refine.train import TrainSettings
 from allot.registry import Registry
 
@@ -89,5 +91,13 @@ register_refiner(
         finetune,
         TrainSettings,
         "train the compressed model's trainable parameters on the training batches",
+    )
+)
+register_refiner(
+    Refiner(
+        "lc",
+        learning_compression,
+        LCSettings,
+        "learning-compression: train the float weights towards the plan's compressed form",
     )
 )

@@ -47,15 +47,16 @@ from allot.plan import Plan
 from allot.profile.measure import mean_loss
 from allot.progress import progress_counter
 from allot.refine.lc_state import LCState, load_state, save_state
-from allot.refine.train import OPTIMIZERS, TrainSettings, train
+from allot.refine.train import OPTIMIZERS, SCHEDULES, TrainSettings, train
 from allot.schemes import Scheme
 
 
 @dataclass(frozen=True)
 class LCSettings:
     """The LC schedule: `steps` values of mu = `mu0` * `growth`^k; each L step `epochs` passes
-    with `optimizer` (`adam`, or `sgd` with `momentum`) at learning rate `lr` * `lr_decay`^k,
-    constant within the step; `multipliers` False gives the quadratic-penalty method;
+    with `optimizer` (`adam`, or `sgd` with `momentum`) from learning rate `lr` * `lr_decay`^k,
+    constant within the step or decayed to 0 by a cosine (`schedule`), from a fresh optimiser;
+    `multipliers` False gives the quadratic-penalty method;
     `rank_alpha` (loss units per stored bit) turns on rank selection in the C steps; `seed` of
     the L steps; `checkpoint` a directory for the state after each step, `resume` to continue
     from it."""
@@ -68,6 +69,7 @@ class LCSettings:
     lr_decay: float = 1.0
     optimizer: str = "adam"
     momentum: float = 0.9
+    schedule: str = "cosine"
     multipliers: bool = True
     rank_alpha: float | None = None
     seed: int = 0
@@ -89,6 +91,8 @@ class LCSettings:
                 )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"LC optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"LC schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"LC momentum must be in [0, 1), got {self.momentum!r}")
         alpha = self.rank_alpha
@@ -197,7 +201,7 @@ class _Run:
                 lr=s.lr * s.lr_decay**step,
                 optimizer=s.optimizer,
                 momentum=s.momentum,
-                schedule="constant",
+                schedule=s.schedule,
                 seed=s.seed + step,
             ),
             extra_loss=penalty if targets else None,

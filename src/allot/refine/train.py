@@ -100,7 +100,9 @@ def train(
                 loss = loss + extra_loss()
             if not torch.isfinite(loss.detach()):
                 model.eval()
-                raise DataError(f"{label}: the loss became {float(loss)}; lower the learning rate")
+                raise DataError(
+                    f"{label}: the loss became {float(loss.detach())}; lower the learning rate"
+                )
             loss.backward()
             optimizer.step()
             if scheduler is not None:

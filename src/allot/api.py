@@ -314,11 +314,45 @@ def _refine(
     `refinement` when given; what ran is recorded in the plan's metadata."""
     refinement = refinement or Refinement.of(scored.method)
     if refinement.name is not None:
-        refiner = get_refiner(refinement.name)
-        settings = refiner.configure(refinement.settings)
-        refiner.run(scored.work, compressed, plan, scored.data, settings, scored.progress)
-        plan.metadata["refine"] = {"name": refiner.name, "settings": dataclasses.asdict(settings)}
+        _run_refinement(scored.work, compressed, plan, scored.data, refinement, scored.progress)
     return compressed
+
+
+def _run_refinement(
+    work: nn.Module,
+    compressed: nn.Module,
+    plan: Plan,
+    data: Data,
+    refinement: Refinement,
+    progress: bool,
+) -> None:
+    """Run a named refinement on an applied plan in place; record it in the plan's metadata."""
+    refiner = get_refiner(refinement.name or "")
+    settings = refiner.configure(refinement.settings)
+    refiner.run(work, compressed, plan, data, settings, progress)
+    plan.metadata["refine"] = {"name": refiner.name, "settings": dataclasses.asdict(settings)}
+
+
+def refine_model(
+    compressed: nn.Module,
+    plan: Plan,
+    float_model: nn.Module,
+    data: Any,
+    refinement: Refinement,
+    *,
+    progress: bool = True,
+) -> nn.Module:
+    """Refine a compressed model (a plan applied to `float_model`, e.g. a loaded artifact) in
+    place with `refinement` (`Refinement("lc")`), against its float model folded as the plan
+    says; returns it. The plan's metadata records the refinement."""
+    if refinement.name is None:
+        raise ConfigError("name the refinement to run, e.g. Refinement('lc')")
+    data = as_data(data)
+    check_data(float_model, data)
+    work = fold_batchnorm(copy.deepcopy(float_model).eval(), plan.folded)
+    plan.check_fits(discover(work))
+    _run_refinement(work, compressed, plan, data, refinement, progress)
+    return compressed.eval()
 
 
 def _pareto(options: Options, n_weights: int) -> list[list[float]]:

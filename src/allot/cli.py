@@ -1,4 +1,4 @@
-"""The `allot` command: compress, evaluate, analyze, report, zoo, demo.
+"""The `allot` command: compress, refine, evaluate, analyze, report, zoo, demo.
 
 Every `AllotError`, every bad argument and every failure of the file system (a full disk, a
 permission) becomes one line on stderr and exit code 2 (`--debug` shows the traceback). An
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -32,14 +34,14 @@ from allot.evaluate import file_bytes, latencies, macs, metrics, parameter_count
 from allot.exceptions import AllotError, ArtifactError, ConfigError, DataError, ExportError
 from allot.export import FORMATS
 from allot.files import read_json, staged_directory, write_json
-from allot.io import WEIGHTS, is_artifact_file, load, read_plan, write_artifact
+from allot.io import CHECKPOINT, WEIGHTS, is_artifact_file, load, read_plan, write_artifact
 from allot.methods import METHODS, Method, get_method
 from allot.plan import Plan
 from allot.policy import Policy
 from allot.profile.cache import Cache, default_directory
 from allot.profile.measure import mean_loss
-from allot.refine import REFINERS
-from allot.report.markdown import ANALYSIS_FILES, write_report
+from allot.refine import REFINERS, get_refiner
+from allot.report.markdown import ANALYSIS_FILES, REPORT, write_report
 from allot.sensitivity import Sensitivity
 from allot.source import (
     LOSSES,
@@ -137,7 +139,7 @@ def _cache(args: argparse.Namespace) -> Cache:
     return Cache(None if args.no_cache else default_directory())
 
 
-def _budget(args: argparse.Namespace) -> Budget:
+def _budget(args: argparse.Namespace, default: Budget | None = None) -> Budget:
     if args.lossless:
         return Budget("lossless")
     if args.max_damage is not None:
@@ -148,6 +150,8 @@ def _budget(args: argparse.Namespace) -> Budget:
         value = getattr(args, kind)
         if value is not None:
             return Budget(kind, value)
+    if default is not None:
+        return default
     method = get_method(args.method)
     if method.budget is not None:
         return method.budget
@@ -184,18 +188,20 @@ def cmd_compress(args: argparse.Namespace) -> None:
         ref = hf.PREFIX + str(Path(ref.removeprefix(hf.PREFIX)).expanduser().resolve())
     if args.model_file and args.model:
         raise AllotError("give either a zoo model name or --model FILE.py:FACTORY, not both")
-    budget = _budget(args)
-    policy = Policy.parse(args.keep or (), args.pin or ())
-    refinement = _refinement(args)
-    with staged_directory(
-        Path(args.out), is_artifact_file, _inputs(args, ref), ArtifactError
-    ) as staging:
+    # --scheme gives every layer one scheme, which fixes the size: the budget then only checks
+    # it, by default that the plan is no larger than float.
+    budget = _budget(args, Budget("ratio", 1.0) if args.scheme else None)
+    # --scheme's catch-all pin comes first, so that --keep and --pin refine it
+    scheme = Policy.parse((), [f"*={args.scheme}"] if args.scheme else ())
+    policy = Policy((*scheme.rules, *Policy.parse(args.keep or (), args.pin or ()).rules))
+    out = Path(args.out)
+    refinement = _refinement(args, get_method(args.method), out)
+    with staged_directory(out, is_artifact_file, _inputs(args, ref), ArtifactError) as staging:
         model = float_model(ref, args.weights)
         data = _data(args, ref, model, args.data)
-        float_bytes = file_bytes(model)
         # the user's model, loss and held-out evaluation run here, before the long work
         check_data(model, data)
-        float_evaluation = _evaluation(model, data, float_bytes, 1.0, 1.0)
+        float_evaluation = _evaluation(model, data, file_bytes(model), 1.0, 1.0)
         result = api.compress(
             model,
             data,
@@ -210,24 +216,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
         )
         if args.weights:
             result.plan.metadata["float_weights"] = str(Path(args.weights).resolve())
-        write_artifact(result.model, result.plan, staging)
+        written = _write_artifact(staging, model, data, result.model, result.plan, float_evaluation)
+        _keep_checkpoint(refinement, staging)
         if hf.is_hf_reference(ref):
             hf.save_architecture(ref, staging)
-        artifact_bytes = (staging / WEIGHTS).stat().st_size
-        evaluation = {
-            "float": float_evaluation,
-            "compressed": _evaluation(
-                result.model, data, artifact_bytes, result.plan.ratio, float_bytes / artifact_bytes
-            ),
-        }
-        write_json(staging / EVALUATION, evaluation)
-        report = write_report(result.plan, evaluation, staging)
-    out = Path(args.out)
-    _print_evaluation(f"{ref} (float)", evaluation["float"])
-    _print_evaluation(
-        f"{ref} ({result.plan.method}, {budget.describe()})", evaluation["compressed"]
-    )
-    console.print(f"artifact: {out} ({artifact_bytes:,} bytes); report: {out / report.name}")
+    _show_artifact(ref, f"{result.plan.method}, {budget.describe()}", out, *written)
 
 
 def _model_name(reference: str) -> str:
@@ -239,16 +232,117 @@ def _model_name(reference: str) -> str:
     return f"{Path(path).resolve()}:{factory}"
 
 
-def _refinement(args: argparse.Namespace) -> api.Refinement | None:
-    """The refinement `--refine`, `--refine-epochs` and `--refine-lr` ask for (None: the method's)."""
-    settings = {
+def _write_artifact(
+    staging: Path,
+    model: nn.Module,
+    data: Data,
+    compressed: nn.Module,
+    plan: Plan,
+    float_evaluation: dict[str, Any] | None = None,
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Write the artifact, its evaluation (float and compressed) and report into `staging`;
+    returns the evaluation and the weights file's bytes."""
+    float_bytes = file_bytes(model)
+    write_artifact(compressed, plan, staging)
+    artifact_bytes = (staging / WEIGHTS).stat().st_size
+    evaluation = {
+        "float": float_evaluation or _evaluation(model, data, float_bytes, 1.0, 1.0),
+        "compressed": _evaluation(
+            compressed, data, artifact_bytes, plan.ratio, float_bytes / artifact_bytes
+        ),
+    }
+    write_json(staging / EVALUATION, evaluation)
+    write_report(plan, evaluation, staging)
+    return evaluation, artifact_bytes
+
+
+def _keep_checkpoint(refinement: api.Refinement | None, staging: Path) -> None:
+    """A refinement's checkpoint (kept in --out while it runs, so that a killed run resumes from
+    it) goes into the new artifact too, so that a later `--resume` can run more steps."""
+    folder = None if refinement is None else refinement.settings.get("checkpoint")
+    if folder is not None and Path(folder).is_dir() and Path(folder).name == CHECKPOINT:
+        shutil.copytree(folder, staging / CHECKPOINT)
+
+
+def _show_artifact(
+    ref: str, how: str, out: Path, evaluation: dict[str, dict[str, Any]], artifact_bytes: int
+) -> None:
+    _print_evaluation(f"{ref} (float)", evaluation["float"])
+    _print_evaluation(f"{ref} ({how})", evaluation["compressed"])
+    console.print(f"artifact: {out} ({artifact_bytes:,} bytes); report: {out / REPORT}")
+
+
+def _refinement(
+    args: argparse.Namespace, method: Method | None, out: Path, name: str | None = None
+) -> api.Refinement | None:
+    """The refinement `--refine` (or `name`), `--refine-epochs`, `--refine-lr`,
+    `--refine-setting` and `--resume` ask for; None: the method's own. A refinement whose
+    settings have a `checkpoint` keeps it in OUT/checkpoint."""
+    settings: dict[str, Any] = {
         key: value
         for key, value in (("epochs", args.refine_epochs), ("lr", args.refine_lr))
         if value is not None
     }
-    if args.refine is None and not settings:
+    for text in args.refine_setting or ():
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--refine-setting {text!r}: expected KEY=VALUE, e.g. steps=10")
+        settings[key] = _setting_value(value)
+    name = name or args.refine
+    if method is None:
+        refinement = api.Refinement(name, settings)
+    else:
+        refinement = api.Refinement.of(method, name, **settings)
+    if refinement.name is None:
+        if settings or args.resume:
+            raise ConfigError(
+                "the method runs no refinement to give settings to; name one with --refine"
+            )
         return None
-    return api.Refinement.of(get_method(args.method), args.refine, **settings)
+    fields = {f.name for f in dataclasses.fields(get_refiner(refinement.name).settings)}
+    if "checkpoint" in fields and "checkpoint" not in refinement.settings:
+        refinement.settings["checkpoint"] = str(out / CHECKPOINT)
+    if args.resume:
+        if "resume" not in fields:
+            raise ConfigError(f"refinement {refinement.name!r} keeps no checkpoint to resume")
+        refinement.settings["resume"] = True
+    return refinement
+
+
+def _setting_value(text: str) -> Any:
+    """A --refine-setting value: a JSON number, true/false/null, or else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_refine(args: argparse.Namespace) -> None:
+    target, out = Path(args.artifact), Path(args.out)
+    if not target.is_dir():
+        raise ArtifactError(f"{target} is not an artifact directory (made by `allot compress`)")
+    if out.resolve() == target.resolve():
+        raise ArtifactError("--out must be another directory than the artifact being refined")
+    name = "lc" if args.lc else args.refine
+    if name is None:
+        raise ConfigError("name the refinement: --lc, or --refine NAME")
+    refinement = _refinement(args, None, out, name)
+    assert refinement is not None
+    inputs = [target, *_inputs(args, args.model_file)]
+    with staged_directory(out, is_artifact_file, inputs, ArtifactError) as staging:
+        compressed, plan = _load_artifact(args, target)
+        reference = _artifact_reference(args, plan)
+        data = _data(args, _source(args, plan, target), reference, args.data or _zoo_dataset(plan))
+        check_data(reference, data)
+        float_evaluation = _evaluation(reference, data, file_bytes(reference), 1.0, 1.0)
+        api.refine_model(
+            compressed, plan, reference, data, refinement, progress=not args.no_progress
+        )
+        written = _write_artifact(staging, reference, data, compressed, plan, float_evaluation)
+        _keep_checkpoint(refinement, staging)
+        if hf.is_hf_reference(plan.model):
+            hf.save_architecture(_source(args, plan, target), staging)
+    _show_artifact(plan.model, f"refined by {name}", out, *written)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -520,6 +614,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     args.model, args.model_file, args.weights, args.data = "mnist-resnet20", None, None, None
     args.loss, args.held_out, args.keep, args.pin = None, None, None, None
     args.refine, args.refine_epochs, args.refine_lr = None, None, None
+    args.refine_setting, args.resume, args.scheme = None, False, None
     args.method, args.lossless, args.ratio, args.avg_bits, args.bytes = (
         "uniform-quant",
         False,
@@ -559,6 +654,24 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="L",
         help="smallest plan whose measured calibration loss is at most the float model's + L",
+    )
+
+
+def _add_refine_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--refine-epochs", type=_at_least(0), help="epochs of a refinement that trains"
+    )
+    parser.add_argument("--refine-lr", type=float, help="learning rate of a refinement that trains")
+    parser.add_argument(
+        "--refine-setting",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any setting of the refinement, e.g. steps=10 or optimizer=sgd (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the refinement from its checkpoint in --out (LC)",
     )
 
 
@@ -636,8 +749,13 @@ def parser() -> argparse.ArgumentParser:
         choices=sorted(REFINERS),
         help="refinement after the plan is applied (default: the method's own, if any)",
     )
-    p.add_argument("--refine-epochs", type=_at_least(0), help="epochs of a refinement that trains")
-    p.add_argument("--refine-lr", type=float, help="learning rate of a refinement that trains")
+    _add_refine_settings(p)
+    p.add_argument(
+        "--scheme",
+        metavar="SCHEME",
+        help="one scheme for every layer, e.g. 'quant:1+sparse:0.02' (a pin on all layers, "
+        "before --keep and --pin; no budget needed)",
+    )
     p.add_argument(
         "--keep",
         action="append",
@@ -654,6 +772,26 @@ def parser() -> argparse.ArgumentParser:
     _add_budget(p)
     _add_source(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser(
+        "refine", help="refine an artifact's compressed model (LC) and write a new artifact"
+    )
+    p.add_argument("artifact", help="artifact directory made by `allot compress`")
+    p.add_argument("--out", required=True, help="directory of the refined artifact")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--lc", action="store_true", help="learning-compression toward the artifact's plan"
+    )
+    which.add_argument("--refine", choices=sorted(REFINERS), help="another refinement")
+    _add_refine_settings(p)
+    p.add_argument(
+        "--model",
+        dest="model_file",
+        metavar="FILE.py:FACTORY",
+        help="the architecture of an artifact made from your own model (with --weights)",
+    )
+    _add_source(p)
+    p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("evaluate", help="evaluate an artifact directory or a float zoo model")
     p.add_argument("target", help="artifact directory, zoo model name, or FILE.py:FACTORY")

@@ -37,6 +37,9 @@ from allot.state import matched_state
 
 WEIGHTS = "model.safetensors"
 PLAN = "plan.json"
+CHECKPOINT = "checkpoint"
+"""The folder of `--out` where a refinement that checkpoints (LC) keeps its state until the
+artifact is written."""
 ARTIFACT_FILES = frozenset(
     {
         WEIGHTS,
@@ -46,6 +49,7 @@ ARTIFACT_FILES = frozenset(
         "allocation.png",
         "damage.png",
         "pareto.png",
+        CHECKPOINT,
         "report.html",
         HF_FOLDER,
     }

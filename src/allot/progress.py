@@ -15,11 +15,12 @@ T = TypeVar("T")
 @contextmanager
 def progress_counter(
     label: str, enabled: bool = True, total: int | None = None
-) -> Iterator[Callable[[], None]]:
-    """A transient rich progress bar on stderr (when `enabled`); yields `advance()`, one call per
-    step, for work that is not shaped as a loop over known items."""
+) -> Iterator[Callable[..., None]]:
+    """A transient rich progress bar on stderr (when `enabled`); yields `advance(note=None)`, one
+    call per step, for work that is not shaped as a loop over known items; a `note` is shown
+    after the label from then on (a metric, say)."""
     if not enabled:
-        yield lambda: None
+        yield lambda note=None: None
         return
     columns = (
         TextColumn("{task.description}"),
@@ -29,7 +30,11 @@ def progress_counter(
     )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda: bar.advance(task)
+
+        def advance(note: str | None = None) -> None:
+            bar.update(task, advance=1, description=label if note is None else f"{label} {note}")
+
+        yield advance
 
 
 def progress_bar(

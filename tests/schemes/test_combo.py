@@ -8,9 +8,19 @@ import pytest
 import torch
 from conftest import SPECS, make_case
 
+from allot.discover import LayerSpec
 from allot.exceptions import ConfigError, PlanError
 from allot.modules.base import dense_weight
-from allot.schemes import Keep, LowRank, Quant, Sparse, Sum, parse_scheme, scheme_from_json
+from allot.schemes import (
+    Codebook,
+    Keep,
+    LowRank,
+    Quant,
+    Sparse,
+    Sum,
+    parse_scheme,
+    scheme_from_json,
+)
 
 
 def _residual(scheme, case) -> float:
@@ -87,3 +97,51 @@ def test_the_fit_is_deterministic_and_reloads() -> None:
     fresh = scheme.empty(case.spec)
     fresh.load_state_dict(first.state_dict())
     assert torch.equal(fresh(case.x), first(case.x))
+
+
+@pytest.mark.parametrize(
+    "parts", [(Quant(1), Sparse(0.05)), (LowRank(1), Sparse(0.1)), (Codebook(2), LowRank(1))]
+)
+def test_the_c_step_from_the_previous_theta_never_leaves_a_larger_residual(parts) -> None:
+    case = make_case(SPECS["linear-nobias"], seed=3)
+    scheme = Sum(parts, repeats=3)
+    previous = scheme.project(case.weight, None, case.spec)
+    target = case.weight + 0.05 * torch.randn(case.weight.shape)
+
+    def residual(module) -> float:
+        return float((dense_weight(module).detach() - target).double().pow(2).sum())
+
+    warm = scheme.project(target, None, case.spec, previous)
+    assert residual(warm) <= residual(previous)
+    single = Sum(parts, repeats=1).project(target, None, case.spec, previous)
+    assert residual(single) <= residual(previous)
+    assert residual(warm) <= residual(single)
+
+
+def test_a_previous_fit_of_other_parts_is_not_a_start() -> None:
+    case = make_case(SPECS["linear-nobias"], seed=3)
+    other = Sum((LowRank(2), Sparse(0.1))).project(case.weight, None, case.spec)
+    mine = Sum((LowRank(1), Sparse(0.1)))
+    fitted = mine.project(case.weight, None, case.spec, other)
+    assert fitted.parts[0].rank == 1
+    assert torch.equal(
+        fitted.state_dict()["parts.0.u"],
+        mine.project(case.weight, None, case.spec).state_dict()["parts.0.u"],
+    )
+
+
+def test_a_sum_of_small_parts_runs_them_instead_of_the_dense_weight() -> None:
+    spec = LayerSpec("conv2d", 32, 16, (3, 3), padding=(1, 1))
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(spec.weight_shape, generator=g), torch.randn(32, generator=g)
+    x = torch.randn(2, 16, 6, 6, generator=g)
+    cheap = Sum((LowRank(1), LowRank(2))).compress(weight, bias, spec)
+    dense = Sum((Quant(2), LowRank(2))).compress(weight, bias, spec)
+    assert cheap.runs_parts and not dense.runs_parts
+    with torch.no_grad():
+        for layer in (cheap, dense):
+            expected = spec.forward(x, dense_weight(layer), bias)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    out = cheap(x)
+    assert cheap.macs(out) == 36 * 3 * (16 * 9 + 32) * 2 < spec.numel * 36 * 2
+    assert dense.macs(out) == spec.numel * 36 * 2

@@ -19,6 +19,7 @@ from allot.exceptions import ConfigError
 from allot.modules.base import dense_weight, layer_storage_bits
 from allot.schemes import (
     SCHEMES,
+    Codebook,
     Grouped,
     Keep,
     LowRank,
@@ -26,6 +27,7 @@ from allot.schemes import (
     Scheme,
     Sparse,
     Sum,
+    Ternary,
     parse_scheme,
     scheme_from_json,
 )
@@ -54,12 +56,19 @@ EXAMPLES: list[tuple[str, Scheme]] = [
     ("grouped:4:1", Grouped(4, 1)),
     ("sparse:0.05", Sparse(0.05)),
     ("sparse:1", Sparse(1.0)),
+    ("sparse:0.2:l1=0.5", Sparse(0.2, 0.5)),
+    ("codebook:4", Codebook(4)),
+    ("codebook:3", Codebook(3)),
+    ("codebook:256", Codebook(256)),
+    ("ternary", Ternary()),
     ("keep", Keep()),
     # schemes holding schemes: their JSON nests, their storage is the sum of their parts'
     ("quant:2+sparse:0.05", Sum((Quant(2), Sparse(0.05)))),
     ("rank:1+sparse:0.05", Sum((LowRank(1), Sparse(0.05)))),
     ("rank:1:whitened+sparse:0.05", Sum((LowRank(1, "whitened"), Sparse(0.05)))),
     ("grouped:2:1+sparse:0.05", Sum((Grouped(2, 1), Sparse(0.05)))),
+    ("ternary+sparse:0.05", Sum((Ternary(), Sparse(0.05)))),
+    ("codebook:2+rank:1", Sum((Codebook(2), LowRank(1)))),
     (
         "quant:2:g4:steered+rank:1+sparse:0.05",
         Sum((Quant(2, 4, "steered"), LowRank(1), Sparse(0.05))),

@@ -204,3 +204,21 @@ def test_labels_and_forms_of_the_fits() -> None:
     assert parse_scheme("rank:4:plain") == LowRank(4)
     with pytest.raises(ConfigError, match=r"LowRank\.fit must be one of"):
         LowRank(4, "sketchy")
+
+
+@pytest.mark.parametrize("price", [0.0, 1e-4, 1e-3, 3e-3, 1e-2, 1.0])
+def test_rank_selection_is_the_brute_force_optimum(price: float):
+    w = _weight(5)
+
+    def objective(rank: int) -> float:
+        fitted = LowRank(rank).compress(w, None, SPEC.with_channels(bias=False)).reconstruct()
+        error = float((w.double() - fitted.double()).pow(2).sum())
+        return error + price * LowRank(rank).storage_bits(SPEC)
+
+    chosen = LowRank(4).select(w, SPEC, price)
+    values = [objective(r) for r in range(1, 10)]
+    assert objective(chosen.rank) == pytest.approx(min(values), rel=1e-5, abs=1e-6)
+    if price == 0:
+        assert chosen.rank == 9  # nothing to pay: the exact factorisation
+    if price == 1.0:
+        assert chosen.rank == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -84,3 +85,47 @@ def test_invalid_density_is_named(density):
 def test_bad_string_forms_raise(text: str):
     with pytest.raises(ConfigError):
         parse_scheme(text)
+
+
+def _l1_projection_by_bisection(v: torch.Tensor, radius: float) -> torch.Tensor:
+    """The l1-ball projection by bisection on the soft threshold (a reference, float64)."""
+    v = v.double()
+    if float(v.abs().sum()) <= radius:
+        return v
+    low, high = 0.0, float(v.abs().max())
+    for _ in range(200):
+        theta = (low + high) / 2
+        if float((v.abs() - theta).clamp(min=0).sum()) > radius:
+            low = theta
+        else:
+            high = theta
+    return torch.sign(v) * (v.abs() - high).clamp(min=0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("radius", [0.3, 1.5, 100.0])
+def test_l1_fit_is_the_brute_force_optimum_over_supports(seed: int, radius: float) -> None:
+    spec = LayerSpec("linear", 2, 4, bias=False)  # 8 weights, 3 kept
+    w = torch.randn(spec.weight_shape, generator=torch.Generator().manual_seed(seed))
+    layer = Sparse(0.375, radius).compress(w, None, spec)
+    assert layer.count == 3
+    flat = w.reshape(-1).double()
+    best = min(
+        float(flat.pow(2).sum() - flat[list(s)].pow(2).sum())
+        + float((flat[list(s)] - _l1_projection_by_bisection(flat[list(s)], radius)).pow(2).sum())
+        for s in itertools.combinations(range(8), 3)
+    )
+    error = float((layer.reconstruct().double() - w.double()).pow(2).sum())
+    assert error == pytest.approx(best, rel=1e-6, abs=1e-9)
+    assert float(layer.values.double().abs().sum()) <= radius * (1 + 1e-6)
+
+
+def test_l1_radius_string_json_and_validation() -> None:
+    scheme = parse_scheme("sparse:0.05:l1=2.5")
+    assert scheme == Sparse(0.05, 2.5) and scheme.label() == "sparse0.05-l1=2.5"
+    assert Sparse(0.05).label() == "sparse0.05"
+    for bad in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ConfigError, match=r"Sparse\.l1"):
+            Sparse(0.05, bad)
+    with pytest.raises(ConfigError, match="cannot parse"):
+        parse_scheme("sparse:0.05:2.5")

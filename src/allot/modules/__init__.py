@@ -7,18 +7,24 @@ from allot.modules.base import (
     dense_weight,
     layer_storage_bits,
 )
+from allot.modules.codebook import CodebookLayer
+from allot.modules.combo import SumLayer
 from allot.modules.grouped import GroupedLayer
 from allot.modules.lowrank import LowRankLayer
 from allot.modules.packing import pack, packed_nbytes, unpack
 from allot.modules.quant import QuantizedLayer
 from allot.modules.sparse import SparseLayer
+from allot.modules.ternary import TernaryLayer
 
 __all__ = [
+    "CodebookLayer",
     "CompressedLayer",
     "GroupedLayer",
     "LowRankLayer",
     "QuantizedLayer",
     "SparseLayer",
+    "SumLayer",
+    "TernaryLayer",
     "build_float_layer",
     "check_layer_tensors",
     "dense_weight",

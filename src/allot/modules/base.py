@@ -86,6 +86,12 @@ class CompressedLayer(nn.Module, abc.ABC):
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ConfigError(f"{name} holds NaN or infinite values")
 
+    @property
+    def rebuilds_weight(self) -> bool:
+        """Whether the forward pass rebuilds the dense weight on every call (the base forward),
+        rather than running the layer's own operations (low-rank factors, say)."""
+        return type(self).forward is CompressedLayer.forward
+
     def forward(self, x: Tensor) -> Tensor:
         if self.runner is not None and not torch.is_grad_enabled():
             return self.runner(self, x)

@@ -8,8 +8,10 @@ invalid ones with a `ConfigError` that names them.
 
 Registered: `feedback` (error feedback: re-fit each re-fittable layer on the compressed model's
 inputs, no settings), `finetune` (a short training of the compressed model's trainable
-parameters on the data's training batches, `TrainSettings`) and `joint` (error feedback, then the
-joint step of lossless low-rank factorization on every factorized layer, `JointSettings`).
+parameters on the data's training batches, `TrainSettings`), `joint` (error feedback, then the
+joint step of lossless low-rank factorization on every factorized layer, `JointSettings`) and
+`lc` (learning-compression: train the float weights towards the plan's compressed form,
+`LCSettings`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from allot.plan import Plan
 from allot.refine.feedback import feedback
 from allot.refine.finetune import finetune
 from allot.refine.joint import JointSettings, joint
+from allot.refine.lc import LCSettings, learning_compression
 from allot.refine.train import TrainSettings
 from allot.registry import Registry
 
@@ -100,5 +103,13 @@ register_refiner(
         JointSettings,
         "re-fit each factorized layer in order, then move its factors to lower its output error "
         "plus the second-order loss change",
+    )
+)
+register_refiner(
+    Refiner(
+        "lc",
+        learning_compression,
+        LCSettings,
+        "learning-compression: train the float weights towards the plan's compressed form",
     )
 )

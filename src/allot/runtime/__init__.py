@@ -31,11 +31,6 @@ DEQUANTIZE = "dequantize"
 OWN = "own operations"
 
 
-def _rebuilds(layer: CompressedLayer) -> bool:
-    """Whether the layer's forward rebuilds its dense weight on every call (the base forward)."""
-    return type(layer).forward is CompressedLayer.forward
-
-
 def _layers(model: nn.Module) -> dict[str, CompressedLayer]:
     """The outermost compressed layers (a sum's parts run inside it)."""
     found: dict[str, CompressedLayer] = {}
@@ -54,7 +49,7 @@ def prepare(model: nn.Module, *, kernels: bool = False, cache: bool = False) -> 
         runner: Runner | None = None
         if kernels:
             runner = kernel_for(layer)
-        if runner is None and cache and _rebuilds(layer):
+        if runner is None and cache and layer.rebuilds_weight:
             runner = CachedWeight()
         layer.runner = runner
     return describe(model)
@@ -77,6 +72,6 @@ def describe(model: nn.Module) -> dict[str, str]:
     return {
         name: layer.runner.label
         if layer.runner is not None
-        else (DEQUANTIZE if _rebuilds(layer) else OWN)
+        else (DEQUANTIZE if layer.rebuilds_weight else OWN)
         for name, layer in _layers(model).items()
     }

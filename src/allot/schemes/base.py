@@ -13,6 +13,13 @@ A scheme is a frozen dataclass registered by its `kind`. It knows:
   group size that does not divide the fan-in).
 - `refits` / `refit(target, bias, spec, stats)`: whether, and how, it fits itself again to a target
   weight under other input second moments (error feedback re-fits every layer that can).
+- `project(target, bias, spec, previous)`: LC's C step, the fit that minimises the plain squared
+  weight error |target - Delta|^2 (no calibration data), starting from the `previous` C step's
+  module where the fit is iterative (warm start). By default `compress` without a profile.
+- `select(target, spec, price)`: for a family of schemes that differ only in size (low rank: the
+  rank), the member minimising |target - Delta|^2 + price * storage_bits (LC's rank selection);
+  by default the family is the scheme alone.
+- `constrains`: whether the scheme constrains the weight at all (LC leaves `Keep` layers free).
 
 A scheme may hold schemes (`Sum` of parts): its JSON nests theirs, its label joins theirs, and its
 storage is the exact sum of theirs. `from_params` rebuilds a scheme from its JSON fields; a
@@ -109,6 +116,32 @@ class Scheme(abc.ABC):
         under the input second moments `stats`, storing exactly what `compress` stores; only
         schemes whose `refits` is true implement it."""
         raise ConfigError(f"{self.label()} cannot be re-fitted to input statistics")
+
+    def project(
+        self,
+        target: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        previous: nn.Module | None = None,
+    ) -> nn.Module:
+        """LC's C step: this scheme's module (holding `bias`) fitted to `target` by the plain
+        squared weight error |target - Delta|^2, without calibration data. `previous`, this
+        scheme's module from the last C step, is where an iterative fit starts (warm start);
+        closed-form fits ignore it. By default: `compress` without a profile."""
+        return self.compress(target, bias, spec, None)
+
+    def select(self, target: Tensor, spec: LayerSpec, price: float) -> Scheme:
+        """The member of this scheme's family (schemes differing only in size, e.g. the ranks of
+        a factorisation) minimising |target - Delta|^2 + price * storage_bits(spec), with `price`
+        in squared weight units per stored bit (LC's rank selection). By default the family is
+        this scheme alone."""
+        return self
+
+    @property
+    def constrains(self) -> bool:
+        """Whether the scheme constrains the weight (LC pulls the weight towards its fit); a
+        scheme that stores the float weight as it is (`Keep`) leaves it free."""
+        return True
 
     def label(self) -> str:
         """Short human-readable name, e.g. `quant4`, `rank12`, `sparse0.05`, `keep`."""

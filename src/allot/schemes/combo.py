@@ -7,19 +7,31 @@ from all parts at zero, for `repeats` rounds. A part's new fit replaces its old 
 leaves a smaller residual |W - sum_j Delta_j|_F, so the residual never increases from one step to
 the next (each part's own fit minimises its own objective, which for steered or data-aware parts
 is not the plain weight error).
+
+`compress` fits each part with its own `compress` (steered parts on the layer's profile);
+`project`, LC's C step, with its own `project` (plain weight error), starting from the previous C
+step's parts when given (warm start): the first round then only accepts part fits that improve
+on them, so a C step never leaves a larger residual than the previous Theta does.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from allot.discover import LayerSpec
 from allot.exceptions import ConfigError, PlanError
-from allot.modules.base import CompressedLayer, check_layer_tensors
+from allot.modules.base import (
+    CompressedLayer,
+    check_layer_tensors,
+    dense_weight,
+    layer_storage_bits,
+)
 from allot.modules.combo import SumLayer
 from allot.schemes.base import (
     Scheme,
@@ -93,22 +105,69 @@ class Sum(Scheme):
         spec: LayerSpec,
         profile: LayerProfile | None = None,
     ) -> SumLayer:
+        inner = _inner(spec)
+        return self._alternate(
+            weight,
+            bias,
+            spec,
+            lambda part, residual, _: part.compress(residual, None, inner, profile),
+        )
+
+    def project(
+        self,
+        target: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        previous: nn.Module | None = None,
+    ) -> SumLayer:
+        """LC's C step for a sum: the parts' own C steps alternated on the residual, from the
+        `previous` C step's parts (a `SumLayer` of the same parts) or from zero."""
+        inner = _inner(spec)
+        start = None
+        if isinstance(previous, SumLayer) and len(previous.parts) == len(self.parts):
+            start = list(previous.parts)
+            if any(
+                layer_storage_bits(module) != part.storage_bits(inner)
+                for module, part in zip(start, self.parts, strict=True)
+            ):
+                start = None  # another sum's parts: start from zero
+        return self._alternate(
+            target,
+            bias,
+            spec,
+            lambda part, residual, old: part.project(residual, None, inner, old),
+            start,
+        )
+
+    def _alternate(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        fit: Callable[[Scheme, Tensor, nn.Module | None], nn.Module],
+        start: list[nn.Module] | None = None,
+    ) -> SumLayer:
+        """`repeats` rounds over the parts, each part re-fitted by `fit(part, residual, its
+        current module)` to the residual the others leave and kept only if that lowers the
+        residual; parts start at `start`'s modules, or at zero."""
         check_layer_tensors(spec, weight, bias)
         self.check(spec)
-        inner = _inner(spec)
         target = weight.detach()
-        fitted: list[CompressedLayer | None] = [None] * len(self.parts)
+        fitted: list[nn.Module | None] = [None] * len(self.parts)
         dense = [torch.zeros_like(target) for _ in self.parts]
+        if start is not None:
+            fitted = [copy.deepcopy(module) for module in start]
+            dense = [dense_weight(module).detach() for module in fitted]
         for _ in range(self.repeats):
             for k, part in enumerate(self.parts):
                 others = sum((d for j, d in enumerate(dense) if j != k), torch.zeros_like(target))
                 residual = target - others
-                module = part.compress(residual, None, inner, profile)
+                module = fit(part, residual, fitted[k])
                 assert isinstance(module, CompressedLayer)
                 candidate = module.reconstruct().detach()
                 if fitted[k] is None or _error(residual, candidate) < _error(residual, dense[k]):
                     fitted[k], dense[k] = module, candidate
-        return SumLayer(spec, [m for m in fitted if m is not None], bias)
+        return SumLayer(spec, [m for m in fitted if isinstance(m, CompressedLayer)], bias)
 
     def empty(self, spec: LayerSpec) -> SumLayer:
         self.check(spec)

@@ -35,6 +35,11 @@ class Keep(Scheme):
     ) -> nn.Module:
         return build_float_layer(spec, weight.detach(), None if bias is None else bias.detach())
 
+    @property
+    def constrains(self) -> bool:
+        """A kept layer's weight is free: it is stored as it is."""
+        return False
+
     def empty(self, spec: LayerSpec) -> nn.Module:
         bias = torch.zeros(spec.out_features) if spec.bias else None
         return build_float_layer(spec, torch.zeros(spec.weight_shape), bias)

@@ -166,6 +166,20 @@ class LowRank(Scheme):
         u, v = Whitened.of(fold_weight_2d(target), stats).factors(self.rank)
         return LowRankLayer.from_factors(spec, u, v, bias)
 
+    def select(self, target: Tensor, spec: LayerSpec, price: float) -> LowRank:
+        """LC's rank selection: the rank r in 1..min(out, fan_in) minimising
+        |target - U V|^2 + price * storage_bits(rank r), with U V the best rank-r factors (the
+        error is the sum of the discarded squared singular values; ties go to the lower rank)."""
+        check_layer_tensors(spec.with_channels(bias=False), target, None)
+        s = torch.linalg.svdvals(fold_weight_2d(target).detach().to(torch.float64))
+        discarded = s.pow(2).flip(0).cumsum(0).flip(0)  # discarded[r] = sum_{i >= r} s_i^2
+        ranks = range(1, s.numel() + 1)
+        errors = [float(discarded[r]) if r < s.numel() else 0.0 for r in ranks]
+        objective = [
+            e + price * LowRank(r).storage_bits(spec) for e, r in zip(errors, ranks, strict=True)
+        ]
+        return LowRank(1 + min(range(len(objective)), key=objective.__getitem__))
+
     def empty(self, spec: LayerSpec) -> LowRankLayer:
         self.check(spec)
         return LowRankLayer(spec, self.rank)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from allot.discover import LayerSpec, fold_weight_2d
 from allot.exceptions import ConfigError
@@ -109,14 +109,28 @@ class Quant(Scheme):
         check_layer_tensors(spec, weight, bias)
         self.check(spec)
         if self.rounding == "nearest":
-            codes, grid = quantize_rtn(fold_weight_2d(weight), self.bits, self.group, self.grid)
-            return QuantizedLayer.from_codes(spec, codes, grid, bias)
+            return self.project(weight, bias, spec)
         if profile is None:
             raise ConfigError(
                 f"{self.label()} fits to calibration data: give the layer's profile (allot.api "
                 "compress does), or use rounding='nearest'"
             )
         return self.fit_steered(weight, bias, spec, profile.inputs())
+
+    def project(
+        self,
+        target: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        previous: nn.Module | None = None,
+    ) -> QuantizedLayer:
+        """LC's C step: round-to-nearest on this scheme's grid, bits and grouping
+        (steered or not: steering fits to calibration data, the C step to the weight alone); the
+        stored form is the same. 1 bit: the exact least-squares scaled sign per group."""
+        check_layer_tensors(spec, target, bias)
+        self.check(spec)
+        codes, grid = quantize_rtn(fold_weight_2d(target), self.bits, self.group, self.grid)
+        return QuantizedLayer.from_codes(spec, codes, grid, bias)
 
     @property
     def refits(self) -> bool:

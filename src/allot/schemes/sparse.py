@@ -2,6 +2,13 @@
 
 Storage of a layer with n weights keeping k = max(1, floor(density * n + 0.5)) of them, in bits:
 32 * k for the values + 8 * ceil(k * b / 8) for the positions, b = max(1, ceil(log2 n)).
+
+The fit is the exact least-squares projection onto {at most k non-zeros} (l0-constrained pruning:
+keep the k largest |w|). With an `l1` radius it is the projection onto {at most k non-zeros,
+sum |w| <= l1} (LC's l1-constrained pruning, with the storage of k slots): the k largest |w| are
+an optimal support (shrinking them all by one threshold never favours a smaller entry), and their
+values are projected onto the l1 ball of that radius by soft-thresholding (Duchi et al. 2008).
+The radius is in the weight's own units, for the whole layer, as LC's kappa is.
 """
 
 from __future__ import annotations
@@ -30,19 +37,45 @@ def top_magnitude_positions(weight: Tensor, count: int) -> Tensor:
     return order[:count].sort().values
 
 
+def l1_ball(values: Tensor, radius: float) -> Tensor:
+    """The Euclidean projection of a vector onto {x : sum |x| <= radius}, float64: soft
+    thresholding at the theta that makes the l1 norm equal the radius (`values` as they are when
+    already inside)."""
+    v = values.detach().to(torch.float64).reshape(-1)
+    if float(v.abs().sum()) <= radius:
+        return v
+    u = v.abs().sort(descending=True).values
+    sums = u.cumsum(0)
+    counts = torch.arange(1, u.numel() + 1, dtype=torch.float64)
+    active = int((u - (sums - radius) / counts > 0).nonzero().max()) + 1
+    theta = (float(sums[active - 1]) - radius) / active
+    return torch.sign(v) * (v.abs() - theta).clamp(min=0)
+
+
 @register_scheme
 @dataclasses.dataclass(frozen=True)
 class Sparse(Scheme):
-    """Keep a fraction `density` in (0, 1] of the weights (largest magnitude); `sparse:0.05`."""
+    """Keep a fraction `density` in (0, 1] of the weights (largest magnitude); `sparse:0.05`.
+    With `l1`, the kept values are projected onto the l1 ball of that radius;
+    `sparse:0.05:l1=2.5`."""
 
     kind: ClassVar[str] = "sparse"
     density: float
+    l1: float | None = None
 
     def __post_init__(self) -> None:
         d = self.density
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
             raise ConfigError(f"Sparse.density must be a number in (0, 1], got {d!r:.40}")
         object.__setattr__(self, "density", float(d))
+        r = self.l1
+        if r is not None:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < math.inf:
+                raise ConfigError(f"Sparse.l1 must be a positive finite radius, got {r!r}")
+            object.__setattr__(self, "l1", float(r))
+
+    def label(self) -> str:
+        return f"sparse{self.density}" + (f"-l1={self.l1}" if self.l1 is not None else "")
 
     def kept(self, spec: LayerSpec) -> int:
         """Number of weights kept: max(1, floor(density * numel + 0.5))."""
@@ -62,6 +95,8 @@ class Sparse(Scheme):
         check_layer_tensors(spec, weight, bias)
         positions = top_magnitude_positions(weight, self.kept(spec))
         values = weight.detach().reshape(-1)[positions]
+        if self.l1 is not None:
+            values = l1_ball(values, self.l1)
         return SparseLayer.from_values(spec, positions, values, bias)
 
     def empty(self, spec: LayerSpec) -> SparseLayer:
@@ -69,6 +104,7 @@ class Sparse(Scheme):
 
     @classmethod
     def parse_args(cls, args: list[str]) -> Sparse:
-        if len(args) != 1:
-            raise ValueError("expected sparse:DENSITY, e.g. sparse:0.05")
-        return cls(float(args[0]))
+        usage = "expected sparse:DENSITY[:l1=RADIUS], e.g. sparse:0.05 or sparse:0.05:l1=2.5"
+        if not 1 <= len(args) <= 2 or (len(args) == 2 and not args[1].startswith("l1=")):
+            raise ValueError(usage)
+        return cls(float(args[0]), float(args[1][3:]) if len(args) == 2 else None)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from allot.discover import LayerSpec
+from allot.exceptions import ConfigError
 from allot.schemes import Ternary, parse_scheme
 from allot.schemes.ternary import ternary_scale, ternary_signs
 
@@ -60,3 +61,12 @@ def test_string_form() -> None:
     assert parse_scheme("ternary") == Ternary()
     with pytest.raises(Exception, match="no arguments"):
         parse_scheme("ternary:2")
+
+
+def test_a_forged_code_that_stands_for_no_value_is_refused_on_load() -> None:
+    spec = LayerSpec("linear", 4, 6)
+    layer = Ternary().project(torch.randn(4, 6), None, spec)
+    layer.check_state()
+    layer.codes.fill_(0xFF)  # every packed 2-bit code becomes 3
+    with pytest.raises(ConfigError, match="stands for no value"):
+        layer.check_state()

@@ -54,6 +54,11 @@ class CodebookLayer(CompressedLayer):
             raise ConfigError(f"a stored code exceeds the codebook's {self.size} entries")
         return codes
 
+    def check_state(self) -> None:
+        """Finite floats, and every code names a codebook entry."""
+        super().check_state()
+        self.unpacked_codes()
+
     def weight_parameter_count(self) -> int:
         return self.spec.numel + self.size
 

@@ -55,6 +55,11 @@ class TernaryLayer(CompressedLayer):
             raise ConfigError("a stored ternary code is 3, which stands for no value")
         return (codes - 1).view(self.spec.out_features, self.spec.fan_in)
 
+    def check_state(self) -> None:
+        """Finite floats, and every code is -1, 0 or +1."""
+        super().check_state()
+        self.signs()
+
     def weight_parameter_count(self) -> int:
         return self.spec.numel + self.spec.out_features
 

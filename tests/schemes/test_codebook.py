@@ -123,7 +123,7 @@ def test_invalid_sizes_are_named(size) -> None:
 def test_a_forged_code_beyond_the_codebook_is_refused_on_load() -> None:
     """Three entries at 2 bits leave code 3 unused: a stored 3 fails `check_state` (run on every
     loaded layer) with one line, not an index error at the first forward pass."""
-    spec = LayerSpec("linear", 4, 6)
+    spec = LayerSpec("linear", 4, 6, bias=False)
     layer = Codebook(3).project(torch.randn(4, 6), None, spec)
     layer.check_state()
     layer.codes.fill_(0xFF)  # every packed 2-bit code becomes 3

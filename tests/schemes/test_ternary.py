@@ -64,7 +64,7 @@ def test_string_form() -> None:
 
 
 def test_a_forged_code_that_stands_for_no_value_is_refused_on_load() -> None:
-    spec = LayerSpec("linear", 4, 6)
+    spec = LayerSpec("linear", 4, 6, bias=False)
     layer = Ternary().project(torch.randn(4, 6), None, spec)
     layer.check_state()
     layer.codes.fill_(0xFF)  # every packed 2-bit code becomes 3

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from allot.exceptions import AllotError
+from allot.exceptions import AllotError, ArtifactError
 from allot.files import (
     MAX_JSON_BYTES,
     atomic_write,
@@ -245,3 +245,11 @@ def test_sigint_during_a_commit_waits_until_the_names_are_in_place(tmp_path, mon
         monkeypatch.setattr(os, "rename", rename_then_signal)
     monkeypatch.setattr(os, "rename", real_rename)
     assert _contents(target) == {"a.txt": "new"}
+
+
+def test_an_output_path_with_a_nul_character_is_refused_in_one_line(tmp_path) -> None:
+    """Found by the slow fuzz suite: `--out '\\x00'` reached os.mkdir's ValueError."""
+    staged = staged_directory(tmp_path / "a\x00b", lambda name: False, (), ArtifactError)
+    with pytest.raises(ArtifactError, match="NUL character"), staged:
+        pass
+    assert list(tmp_path.iterdir()) == []

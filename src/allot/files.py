@@ -205,6 +205,11 @@ def _recover(target: Path) -> None:
                 _remove(left)
 
 
+def _check_characters(target: Path, error: type[AllotError]) -> None:
+    if "\x00" in str(target):
+        raise error(f"--out {str(target)!r} holds a NUL character, which no path can hold")
+
+
 def check_output(
     target: Path,
     owned: Callable[[str], bool],
@@ -218,6 +223,7 @@ def check_output(
     directory or a parent of any of `inputs` (the weights, model file or data a command reads):
     writing there would destroy them. A symlink at `target` is replaced, not followed, so what
     it points to is never touched."""
+    _check_characters(target, error)
     target = Path(os.path.abspath(target))
     real = target.parent.resolve() / target.name
     if _inside(Path.cwd().resolve(), real):
@@ -258,6 +264,7 @@ def staged_directory(
     it replaces `target` in one atomic step, and on an exception (an interrupt included) it is
     removed and `target` is left as it was. `target` is checked first (`check_output`), so call
     this before the long work: the staging directory's creation also proves the place writable."""
+    _check_characters(target, error)
     _recover(Path(os.path.abspath(target)))
     target = check_output(target, owned, inputs, error)
     try:

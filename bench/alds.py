@@ -40,7 +40,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from common import RESULTS, code_version, command, environment, save_figure
+from common import RESULTS, code_version, command, environment, refine_settings, save_figure
 from torch import nn
 
 from allot import Budget, Scored, compress_scored, score
@@ -63,7 +63,6 @@ LATENCY_REPEATS = 15
 PAPER_ONE_SHOT = 0.17  # ALDS's own one-shot ResNet-20 (CIFAR-10): 17% removed at 0.4 pt drop
 REFINE_EPOCHS = 2
 LONG_REFINE = {"methods": ("alds", "svd-energy"), "removed": 0.75, "epochs": 10}
-FOLDED_LR_SCALE = 0.1
 
 
 def _below_float(schemes: list[Scheme], layer: Layer) -> list[Scheme]:
@@ -123,15 +122,6 @@ BASELINES = ("svd-energy", "alds-k1", "uniform-rank")
 
 def method_named(name: str) -> Method:
     return BENCH_METHODS[name] if name in BENCH_METHODS else get_method(name)
-
-
-def refine_settings(model_name: str, folded: bool, epochs: int) -> dict:
-    """The zoo recipe's optimiser and learning rate (a tenth of it when BatchNorm was folded),
-    cosine-decayed to 0 over `epochs` epochs."""
-    zoo = get_entry(model_name).recipe
-    assert zoo is not None
-    lr = zoo.lr * (FOLDED_LR_SCALE if folded else 1.0)
-    return {"epochs": epochs, "lr": lr, "optimizer": zoo.optimizer, "schedule": "cosine"}
 
 
 class Bench:

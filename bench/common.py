@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from allot.files import atomic_write, write_json
-from allot.zoo import Dataset
+from allot.zoo import Dataset, get_entry
 
 RESULTS = Path(__file__).parent / "results"
 REPOSITORY = Path(__file__).parent.parent
@@ -76,6 +76,21 @@ def save_figure(figure: plt.Figure, path: Path, dpi: int = 110) -> None:
     figure.savefig(buffer, format="png", dpi=dpi)
     plt.close(figure)
     atomic_write(path, buffer.getvalue())
+
+
+FOLDED_LR_SCALE = 0.1
+"""The training rate of a refinement is the zoo recipe's, a tenth of it where BatchNorm was folded
+(bench/refine_rate.py: ResNet-20 folded and fine-tuned at its recipe's 2e-3 falls to 0.827, at
+2e-4 keeps 0.983)."""
+
+
+def refine_settings(model_name: str, folded: bool, epochs: int) -> dict:
+    """The zoo recipe's optimiser and learning rate (a tenth of it when BatchNorm was folded),
+    cosine-decayed to 0 over `epochs` epochs."""
+    zoo = get_entry(model_name).recipe
+    assert zoo is not None
+    lr = zoo.lr * (FOLDED_LR_SCALE if folded else 1.0)
+    return {"epochs": epochs, "lr": lr, "optimizer": zoo.optimizer, "schedule": "cosine"}
 
 
 class Journal:

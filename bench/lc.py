@@ -6,7 +6,8 @@ quantized + sparse), or, for forms whose rank must follow each layer's size, a u
 (one rank fraction everywhere) at the size of the anchor form `quant1+sparse2%` (matched
 storage: the single parts of the additive forms, at the same size, are forms too). Per form:
 `direct` is the plan applied (no training), `lc` the same plan refined by LC with one schedule
-(the refiner's defaults unless `--lc KEY=VALUE` overrides them); then `cet-feedback` runs at
+(the refiner's defaults with the zoo recipe's optimiser and learning rate, a tenth of it where
+BatchNorm was folded, unless `--lc KEY=VALUE` overrides them); then `cet-feedback` runs at
 every distinct ratio the forms reached (rounded up to 0.01x, so it never stores more). Rows are
 journaled in bench/results/.<model>-lc.journal.json and every LC run checkpoints in
 bench/results/.<model>-lc-checkpoints/, so an interrupted run resumes, mid-LC included.
@@ -29,12 +30,13 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from common import RESULTS, code_version, command, environment, save_figure
+from common import RESULTS, Journal, command, environment, refine_settings, save_figure
 
 from allot import Budget, Policy, Refinement, compress_scored, score
 from allot.api import prepare
 from allot.discover import Layer
 from allot.evaluate import metrics
+from allot.exceptions import BudgetError
 from allot.files import atomic_write, write_json
 from allot.methods import Method
 from allot.methods.baselines import density_grid, rank_grid
@@ -45,6 +47,8 @@ from allot.schemes import Keep, LowRank, Quant, Scheme, Sparse, Sum, parse_schem
 from allot.zoo import create_model, get_dataset, get_entry
 
 ANCHOR = "quant1+sparse2%"
+UNREACHED = "out of reach"
+"""The variant of a grid form whose smallest plan is larger than the anchor's size."""
 FRACTIONS = tuple(k / 64 for k in range(1, 17))
 
 
@@ -102,12 +106,19 @@ class Bench:
 
     def __init__(self, model_name: str, settings: dict, calibration: int, seed: int) -> None:
         self.model_name, self.seed = model_name, seed
+        self.model = create_model(model_name)
+        # the zoo recipe's optimiser and rate (a tenth where BatchNorm was folded), unless given
+        recipe = refine_settings(model_name, bool(prepare(self.model)[1]), 1)
+        settings = {"lr": recipe["lr"], "optimizer": recipe["optimizer"], **settings}
         self.settings = dataclasses.asdict(LCSettings(**settings))
         self.key = {"model": model_name, "calibration": calibration, "seed": seed, **settings}
-        self.journal = RESULTS / f".{model_name}-lc.journal.json"
+        self.journal = Journal(
+            RESULTS / f".{model_name}-lc.journal.json",
+            self.key,
+            lambda row: (row["form"], row["variant"]),
+        )
         self.checkpoints = RESULTS / f".{model_name}-lc-checkpoints"
-        self.code = code_version()
-        self.model = create_model(model_name)
+        self.code = self.journal.code
         self.dataset = get_dataset(
             get_entry(model_name).dataset, calibration_size=calibration, seed=seed
         )
@@ -116,27 +127,14 @@ class Bench:
         self.float_row = {"form": "float", "variant": "float", "ratio": 1.0}
         self.float_row.update(self.measure(self.model))
         self.rows = [self.float_row]
-        self.done = self._finished()
-
-    def _finished(self) -> dict[tuple[str, str], dict]:
-        if not self.journal.exists():
-            return {}
-        saved = json.loads(self.journal.read_text())
-        if saved["key"] != self.key:
-            raise SystemExit(
-                f"{self.journal} holds rows of another run ({saved['key']}); delete it and "
-                f"{self.checkpoints} to start afresh"
-            )
-        print(f"resuming: {len(saved['rows']) - 1} finished rows", flush=True)
-        return {(r["form"], r["variant"]): r for r in saved["rows"][1:]}
 
     def measure(self, model: torch.nn.Module) -> dict:
         return {**metrics(model, self.data), "calibration_loss": mean_loss(model, self.data)}
 
     def add(self, row: dict) -> None:
-        row["code"] = self.code
-        self.rows.append(row)
-        write_json(self.journal, {"key": self.key, "rows": self.rows})
+        self.rows.append(self.journal.add(row))
+        if self.head not in row:
+            return
         delta = 100 * (row[self.head] - self.float_row[self.head])
         print(
             f"{row['form']:20s} {row['variant']:13s} {row['ratio']:6.2f}x  {self.head} "
@@ -145,7 +143,7 @@ class Bench:
         )
 
     def resume(self, form: str, variant: str) -> bool:
-        row = self.done.get((form, variant))
+        row = self.journal.resume((form, variant))
         if row is not None:
             self.rows.append(row)
         return row is not None
@@ -159,6 +157,8 @@ class Bench:
 
     def form(self, form: Form, anchor: float) -> None:
         """The direct and LC rows of one form."""
+        if self.resume(form.name, UNREACHED):
+            return
         have_direct, have_lc = self.resume(form.name, "direct"), self.resume(form.name, "lc")
         if have_direct and have_lc:
             return
@@ -175,7 +175,11 @@ class Bench:
         budget = Budget("ratio", 1.0 if form.pin else anchor)
         if not have_direct:
             start = time.perf_counter()
-            direct = compress_scored(scored, budget, Refinement(None))
+            try:
+                direct = compress_scored(scored, budget, Refinement(None))
+            except BudgetError as exc:  # the form's grid cannot reach the anchor's size
+                self.add({"form": form.name, "variant": UNREACHED, "reason": str(exc)})
+                return
             self.add(self.row(form, "direct", direct, time.perf_counter() - start))
         if not have_lc:
             folder = form.name.replace("%", "pct").replace(" ", "_")
@@ -203,7 +207,7 @@ class Bench:
 
     def post_training(self) -> None:
         """cet-feedback at every distinct ratio the forms reached."""
-        reached = sorted({math.ceil(100 * r["ratio"]) / 100 for r in self.rows[1:]})
+        reached = sorted({math.ceil(100 * r["ratio"]) / 100 for r in self.rows[1:] if "ratio" in r})
         budgets = [r for r in reached if not self.resume("cet-feedback", f"{r:.2f}x")]
         if not budgets:
             return
@@ -323,6 +327,10 @@ def markdown(results: dict, command: str, plot: str) -> str:
             else f"| {name} | {schemes} | {r['ratio']:.2f}x | {d[head]:.4f} | {r[head]:.4f} "
             f"| {100 * (r[head] - float_row[head]):+.2f} | {share} | - | {r['seconds']:.0f} |"
         )
+    unreached = [r for r in results["rows"] if r["variant"] == UNREACHED]
+    if unreached:
+        lines += ["", "Forms that cannot be held to the anchor's size (not run):", ""]
+        lines += [f"- {r['form']}: {r['reason']}" for r in unreached]
     lines += ["", "## Targets (issue 22)", "", *acceptance(results), "", f"![lc]({plot})", ""]
     return "\n".join(lines)
 

@@ -62,7 +62,7 @@ class LCSettings:
     from it."""
 
     steps: int = 20
-    mu0: float = 1e-3
+    mu0: float = 1e-2
     growth: float = 1.3
     epochs: int = 1
     lr: float = 1e-3

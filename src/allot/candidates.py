@@ -52,6 +52,19 @@ class CandidateTable:
             families if any(f.any() for f in families) else None,
         )
 
+    def restricted(self, grid: Grid) -> CandidateTable:
+        """The candidates whose scheme `grid` offers their layer, as scored here: a sub-grid's
+        table without fitting or scoring again (the same as scoring it, for error models whose
+        damage depends on the candidate alone). `ConfigError` naming a layer left without any."""
+        rows = []
+        for layer, row in zip(self.layers, self.candidates, strict=True):
+            offered = set(grid(layer))
+            kept = [c for c in row if c.scheme in offered]
+            if not kept:
+                raise ConfigError(f"the grid offers none of layer {layer.name}'s candidates")
+            rows.append(kept)
+        return CandidateTable(self.layers, rows, self.error_model)
+
     def chosen(self, choice: list[int]) -> list[Candidate]:
         return [row[j] for row, j in zip(self.candidates, choice, strict=True)]
 

@@ -69,6 +69,10 @@ class Sum(Scheme):
         object.__setattr__(self, "parts", parts)
         check_int_field("Sum", "repeats", self.repeats, 1, 1000)
 
+    @property
+    def kinds(self) -> str:
+        return "+".join(part.kinds for part in self.parts)
+
     def label(self) -> str:
         return "+".join(part.label() for part in self.parts)
 

@@ -40,8 +40,8 @@ import numpy as np
 from allot.discover import Layer, LayerSpec
 from allot.exceptions import ConfigError
 from allot.methods.alds import grouped_grid
-from allot.methods.baselines import DENSITIES
 from allot.methods.base import Method, register_method
+from allot.methods.baselines import DENSITIES
 from allot.methods.cet import steered_quants
 from allot.methods.lowrank import break_even
 from allot.schemes import Grid, Keep, LowRank, Quant, Scheme, Sparse, Sum
@@ -102,9 +102,7 @@ def _quant_sparse(layer: Layer) -> list[Scheme]:
 
 
 def _rank_sparse(layer: Layer) -> list[Scheme]:
-    return [
-        Sum((r, Sparse(d)), SUM_REPEATS) for r in _sum_ranks(layer.spec) for d in SUM_DENSITIES
-    ]
+    return [Sum((r, Sparse(d)), SUM_REPEATS) for r in _sum_ranks(layer.spec) for d in SUM_DENSITIES]
 
 
 def _quant_rank(layer: Layer) -> list[Scheme]:

@@ -223,9 +223,13 @@ def _layer_lines(
     stores fewer numbers than its float weight (a factorized layer), its parameters before and
     after and its multiply-accumulates ratio; where the plan's predictions were checked, each
     changed layer's predicted and measured loss change (that layer alone changed); where operator
-    errors were measured, each layer's and its scheme's bound."""
+    errors were measured, each layer's and its scheme's bound; where the plan mixes compression
+    families (joint), each layer's family."""
     shrunk = any(c["parameters"][1] < c["parameters"][0] for c in costs.values())
+    mixed = len({layer.scheme.kinds for layer in plan.layers} - {"keep"}) > 1
     header = ["layer", "kind", "weight shape", "scheme", "bits/weight", "cost (bits)", "damage"]
+    if mixed:
+        header.insert(4, "family")
     if shrunk:
         header += ["parameters", "MACs ratio"]
     if checked:
@@ -243,6 +247,8 @@ def _layer_lines(
             layer.cost_bits,
             "" if layer.damage is None else float(layer.damage),
         ]
+        if mixed:
+            row.insert(4, layer.scheme.kinds)
         cost = costs.get(layer.name)
         if shrunk:
             if cost is None:

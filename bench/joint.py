@@ -183,7 +183,9 @@ class Bench:
             size = (directory / WEIGHTS).stat().st_size
             reloaded, _ = load(directory)
             with torch.no_grad():
-                same = torch.equal(forward(reloaded, self.inputs), forward(result.model, self.inputs))
+                same = torch.equal(
+                    forward(reloaded, self.inputs), forward(result.model, self.inputs)
+                )
         return {"file_bytes": size, "reloads": bool(same)}
 
 
@@ -285,7 +287,9 @@ def markdown(results: dict) -> str:
                 (
                     r
                     for r in rows
-                    if r["method"] == "cet-steer" and r["budget"] == budget and r["refine"] == refine
+                    if r["method"] == "cet-steer"
+                    and r["budget"] == budget
+                    and r["refine"] == refine
                 ),
                 None,
             )
@@ -383,7 +387,8 @@ def figure(results: dict, path: Path) -> None:
             )
             if points:
                 style = {"linewidth": 2.5, "color": "black"} if variant == "joint" else {}
-                ax.plot(*zip(*points), marker="o", label=variant, **style)
+                ratios, values = zip(*points, strict=True)
+                ax.plot(ratios, values, marker="o", label=variant, **style)
         ax.axhline(results["rows"][0][head], color="grey", linestyle=":", label="float")
         ax.set_xscale("log")
         ax.set_xticks(RATIOS, [f"{r:g}" for r in RATIOS])

@@ -12,15 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allot import Budget, score
+from allot import Budget, compress, score
 from allot.allocate import minimize_damage
 from allot.api import Refinement, compress_scored
 from allot.data import Data, supervised
 from allot.discover import Layer, LayerSpec
+from allot.evaluate import state_bits
 from allot.exceptions import BudgetError, ConfigError
 from allot.methods import get_method
 from allot.methods.cet import steered_grid
 from allot.methods.joint import FAMILIES, PER_FAMILY, joint_grid, spread
+from allot.modules.base import dense_weight
+from allot.policy import Policy
 from allot.report.markdown import write_report
 from allot.schemes import Keep, LowRank, Quant, Sparse, Sum
 
@@ -79,13 +82,14 @@ def tiny() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def calibration():
-    """Four batches of 16 Gaussian inputs labelled by the model's own prediction."""
+    """Four batches of 16 Gaussian inputs labelled by the model's own prediction (the training
+    batches too)."""
     generator = torch.Generator().manual_seed(2)
     inputs = torch.randn(64, 24, generator=generator)
     with torch.no_grad():
         labels = tiny()(inputs).argmax(1)
     batches = [(inputs[i : i + 16], labels[i : i + 16]) for i in range(0, 64, 16)]
-    return Data(batches, supervised(F.cross_entropy))
+    return Data(batches, supervised(F.cross_entropy), train=batches)
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +187,35 @@ def test_the_report_names_each_layers_family_when_the_plan_mixes_them(scored, tm
         if line.startswith("| layer |")
     )
     assert "family" not in header
+
+
+@pytest.mark.parametrize("refiner", ["feedback", "lc"])
+def test_a_mixed_plan_is_refined_by_feedback_and_lc_at_its_storage(calibration, refiner) -> None:
+    policy = Policy.parse(pins=["0=quant:2:steered+sparse:0.03", "2=rank:1:whitened"])
+    settings = {"steps": 1} if refiner == "lc" else {}
+    one_shot = compress(
+        tiny(),
+        calibration,
+        JOINT,
+        Budget("ratio", 4.0),
+        policy=policy,
+        refinement=ONE_SHOT,
+        progress=False,
+    )
+    refined = compress(
+        tiny(),
+        calibration,
+        JOINT,
+        Budget("ratio", 4.0),
+        policy=policy,
+        refinement=Refinement(refiner, settings),
+        progress=False,
+    )
+    assert [layer.scheme.kinds for layer in refined.plan.layers] == ["quant+sparse", "rank"]
+    assert refined.plan.weight_bits == one_shot.plan.weight_bits
+    assert state_bits(refined.model) == state_bits(one_shot.model)
+    # The refiner changed both layers, the sum included.
+    for name in ("0", "2"):
+        before = dense_weight(one_shot.model.get_submodule(name))
+        after = dense_weight(refined.model.get_submodule(name))
+        assert not torch.allclose(before, after)

@@ -13,16 +13,16 @@ method: the same steered candidates as `quant`, scored by the curvature damage 1
 ablation behind `joint`'s choice of the measured loss change).
 
 Each (variant, ratio) runs post-training (`none`), with error feedback (`feedback`: every layer
-whose scheme re-fits, steered quantization and whitened low rank, re-fitted in order on the
-compressed model's inputs) and, with `--finetune-epochs N > 0`, with a short `finetune` (Adam at
-2e-4, cosine, ALDS's short retraining). Rows record the held-out metric, the ratio, the
+whose scheme re-fits, steered quantization, whitened low rank and sums holding either, re-fitted
+in order on the compressed model's inputs) and, with `--finetune-epochs N > 0`, with a short
+`finetune` (Adam at 2e-4, cosine, ALDS's short retraining). Rows record the held-out metric, the ratio, the
 calibration loss, the families the plan gave its layers, and for `joint` the artifact written and
 reloaded. The time to build the joint plan (scoring every candidate, then planning and applying
 one budget) is reported as a multiple of one forward+backward pass over the calibration set,
 measured in the same run. Finished rows are journaled. Writes
 bench/results/<model>-joint.{json,md,png}.
 
-    nice python bench/joint.py --model mnist1d-cnn --threads 1
+    nice python bench/joint.py --model mnist1d-cnn --threads 1 --finetune-epochs 1
 """
 
 from __future__ import annotations
@@ -257,8 +257,8 @@ def markdown(results: dict) -> str:
         "Every variant chooses from the same candidates, scored once by their measured loss "
         "change (their layer alone changed) and chosen by the exact knapsack; a single family is "
         "the joint grid restricted to it. `none`: post-training; `feedback`: error feedback "
-        "(steered quantization and whitened low rank re-fitted in order; sparse, grouped and sum "
-        "layers stay as fitted)"
+        "(steered quantization, whitened low rank and sums holding either re-fitted in order; "
+        "sparse and grouped layers stay as fitted)"
         + (
             f"; `finetune`: {results['finetune_epochs']} epoch(s) of Adam at {FINETUNE['lr']:g}, "
             "cosine"

@@ -57,8 +57,8 @@ SUM_RANKS = (1, 2)
 """Ranks of the whitened low-rank part of a sum."""
 SUM_REPEATS = 3
 """Alternating rounds of a sum's fit (`Sum.repeats`, 10 by default): on mnist1d-cnn the sums of
-this grid reach the measured loss change of 10 rounds after 2 or 3 (14 of 15 layer-sums tried
-exactly, the 15th within 1%) at a third of the fitting time (docs/joint.md)."""
+this grid reach the measured loss change of 10 rounds after 2 or 3 (7 of 9 layer-sums tried
+exactly, the others within 1%) at a third of the fitting time (docs/joint.md)."""
 
 
 def spread(schemes: list[Scheme], spec: LayerSpec, count: int) -> list[Scheme]:

@@ -65,6 +65,37 @@ class CandidateTable:
             rows.append(kept)
         return CandidateTable(self.layers, rows, self.error_model)
 
+    def alternatives(self, choice: list[int]) -> dict[str, dict[str, dict | None]] | None:
+        """Why each layer got its family: per layer, for every family (`Scheme.kinds`) on the
+        grid other than keep, that family's least damaging candidate costing no more than the
+        layer's chosen one ({"label", "cost_bits", "damage"}; None when the family has none that
+        small). None when the grid offers fewer than two families."""
+        kinds = {c.scheme.kinds for row in self.candidates for c in row} - {"keep"}
+        if len(kinds) < 2:
+            return None
+        families = sorted(kinds)
+        result: dict[str, dict[str, dict | None]] = {}
+        for layer, row, chosen in zip(
+            self.layers, self.candidates, self.chosen(choice), strict=True
+        ):
+            entry: dict[str, dict | None] = {}
+            for family in families:
+                fitting = [
+                    c for c in row if c.scheme.kinds == family and c.cost_bits <= chosen.cost_bits
+                ]
+                best = min(fitting, key=lambda c: (c.damage, c.cost_bits), default=None)
+                entry[family] = (
+                    None
+                    if best is None
+                    else {
+                        "label": best.scheme.label(),
+                        "cost_bits": best.cost_bits,
+                        "damage": best.damage,
+                    }
+                )
+            result[layer.name] = entry
+        return result
+
     def chosen(self, choice: list[int]) -> list[Candidate]:
         return [row[j] for row, j in zip(self.candidates, choice, strict=True)]
 

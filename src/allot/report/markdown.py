@@ -111,7 +111,21 @@ def checked_metadata(plan: Plan) -> dict[str, Any]:
         )
     ):
         raise PlanError("plan.metadata.operator_error: expected per layer measured, bound")
+    families = meta.get("families") or {}
+    if not (
+        isinstance(families, dict)
+        and all(
+            isinstance(entry, dict)
+            and all(isinstance(k, str) and (c is None or _alternative(c)) for k, c in entry.items())
+            for entry in families.values()
+        )
+    ):
+        raise PlanError(
+            "plan.metadata.families: expected per layer and family a candidate "
+            "{label, cost_bits, damage} or null"
+        )
     return {
+        "families": families,
         "operator_error": operator,
         "prediction": prediction,
         "geometry": geometry,
@@ -119,6 +133,17 @@ def checked_metadata(plan: Plan) -> dict[str, Any]:
         "notes": notes,
         "layers": layers,
     }
+
+
+def _alternative(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("label"), str)
+        and isinstance(value.get("cost_bits"), int)
+        and not isinstance(value.get("cost_bits"), bool)
+        and value.get("damage") is not None
+        and _number(value.get("damage"))
+    )
 
 
 def _pair(value: Any, kind: type) -> bool:
@@ -185,6 +210,7 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
             "layer as fitted (before any refinement); *bound*: the bound its scheme states for it "
             "(ALDS: sqrt(k) max_i sigma_{j+1}(W_i) / sigma_1(W) for k groups at rank j).",
         ]
+    lines += _family_lines(plan, meta["families"])
     lines += _prediction_lines(meta["prediction"])
     lines += _geometry_lines(meta["geometry"])
     if plan.folded:
@@ -264,6 +290,36 @@ def _layer_lines(
             row += _operator_cells(operator.get(layer.name))
         rows.append(row)
     return _table(header, rows)
+
+
+def _family_lines(plan: Plan, families: dict[str, dict[str, dict | None]]) -> list[str]:
+    """Why each layer got its family: every family's least damaging candidate of the layer that
+    costs no more than the chosen one (the plan's `families` metadata, when it has one)."""
+    if not families:
+        return []
+    names = sorted({family for entry in families.values() for family in entry})
+    rows = []
+    for layer in plan.layers:
+        entry = families.get(layer.name, {})
+        cells = []
+        for family in names:
+            candidate = entry.get(family)
+            cells.append(
+                "none this small"
+                if candidate is None
+                else f"{candidate['label']} ({_fmt(float(candidate['damage']))})"
+            )
+        rows.append([layer.name, f"{layer.scheme.label()} ({layer.scheme.kinds})", *cells])
+    return [
+        "",
+        "## Families per layer",
+        "",
+        "For each layer, each family's least damaging candidate that costs no more than the "
+        "layer's chosen one, with its predicted damage: the allocator weighs these across "
+        "layers under the one budget.",
+        "",
+        *_table(["layer", "chosen (family)", *names], rows),
+    ]
 
 
 def _operator_cells(entry: dict[str, float | None] | None) -> list[Any]:

@@ -294,13 +294,16 @@ def _layer_lines(
 
 def _family_lines(plan: Plan, families: dict[str, dict[str, dict | None]]) -> list[str]:
     """Why each layer got its family: every family's least damaging candidate of the layer that
-    costs no more than the chosen one (the plan's `families` metadata, when it has one)."""
+    costs no more than the chosen one (the plan's `families` metadata, when it has one; layers
+    it does not name are left out)."""
     if not families:
         return []
     names = sorted({family for entry in families.values() for family in entry})
     rows = []
     for layer in plan.layers:
-        entry = families.get(layer.name, {})
+        entry = families.get(layer.name)
+        if entry is None:
+            continue
         cells = []
         for family in names:
             candidate = entry.get(family)

@@ -391,6 +391,7 @@ def figure(results: dict, path: Path) -> None:
                 ax.plot(ratios, values, marker="o", label=variant, **style)
         ax.axhline(results["rows"][0][head], color="grey", linestyle=":", label="float")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(RATIOS, [f"{r:g}" for r in RATIOS])
         ax.set_xlabel("compression ratio (float32 bits / stored bits)")
         ax.set_ylabel(head)

@@ -6,7 +6,7 @@ Every variant chooses from the same candidates, scored once: `joint` from the wh
 sums quant+sparse, rank+sparse, quant+rank, each layer also free to stay float), and each single
 family from the same grid restricted to that family (`quant`, `rank`, `grouped`, `sparse`; the
 restricted table is the joint one's rows of that family, which is what scoring the restricted
-grid gives: tests/methods/test_joint.py). All of them are scored by the measured loss change of
+grid gives: tests/methods/test_joint_method.py). All of them are scored by the measured loss change of
 each candidate and chosen by the exact knapsack. Two reference rows: `cet-steer` (CET's own
 method: the same steered candidates as `quant`, scored by the curvature damage 1/2 d'Hd) and
 `joint-second-order` (the joint grid scored by g.d + 1/2 d'Hd, one exact HVP per candidate: the

@@ -271,6 +271,9 @@ def compress_scored(scored: Scored, budget: Budget, refinement: Refinement | Non
         plan = make_plan(choice)
         compressed = _refine(scored, _apply(scored, plan, choice), plan, refinement)
     plan.metadata["pareto"] = _pareto(options, n_weights)
+    alternatives = table.alternatives(choice)
+    if alternatives is not None:
+        plan.metadata["families"] = alternatives
     plan.metadata["layers"] = layer_costs(work, compressed, plan, data)
     bounded = operator_errors(work, table.fitted(choice), plan)
     if bounded:

@@ -52,6 +52,50 @@ class CandidateTable:
             families if any(f.any() for f in families) else None,
         )
 
+    def restricted(self, grid: Grid) -> CandidateTable:
+        """The candidates whose scheme `grid` offers their layer, as scored here: a sub-grid's
+        table without fitting or scoring again (the same as scoring it, for error models whose
+        damage depends on the candidate alone). `ConfigError` naming a layer left without any."""
+        rows = []
+        for layer, row in zip(self.layers, self.candidates, strict=True):
+            offered = set(grid(layer))
+            kept = [c for c in row if c.scheme in offered]
+            if not kept:
+                raise ConfigError(f"the grid offers none of layer {layer.name}'s candidates")
+            rows.append(kept)
+        return CandidateTable(self.layers, rows, self.error_model)
+
+    def alternatives(self, choice: list[int]) -> dict[str, dict[str, dict | None]] | None:
+        """Why each layer got its family: per layer, for every family (`Scheme.kinds`) on the
+        grid other than keep, that family's least damaging candidate costing no more than the
+        layer's chosen one ({"label", "cost_bits", "damage"}; None when the family has none that
+        small). None when the grid offers fewer than two families."""
+        kinds = {c.scheme.kinds for row in self.candidates for c in row} - {"keep"}
+        if len(kinds) < 2:
+            return None
+        families = sorted(kinds)
+        result: dict[str, dict[str, dict | None]] = {}
+        for layer, row, chosen in zip(
+            self.layers, self.candidates, self.chosen(choice), strict=True
+        ):
+            entry: dict[str, dict | None] = {}
+            for family in families:
+                fitting = [
+                    c for c in row if c.scheme.kinds == family and c.cost_bits <= chosen.cost_bits
+                ]
+                best = min(fitting, key=lambda c: (c.damage, c.cost_bits), default=None)
+                entry[family] = (
+                    None
+                    if best is None
+                    else {
+                        "label": best.scheme.label(),
+                        "cost_bits": best.cost_bits,
+                        "damage": best.damage,
+                    }
+                )
+            result[layer.name] = entry
+        return result
+
     def chosen(self, choice: list[int]) -> list[Candidate]:
         return [row[j] for row, j in zip(self.candidates, choice, strict=True)]
 

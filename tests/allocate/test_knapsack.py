@@ -196,3 +196,25 @@ def test_never_returns_a_choice_over_the_limit(monkeypatch):
     monkeypatch.setattr(knapsack, "milp", _solver_that_first_returns(over, options))
     with pytest.raises(RuntimeError, match="bug"):
         minimize_damage(options, 39)
+
+
+def test_dominance_pruning_keeps_the_optimum_of_joint_sized_layers():
+    # Layers with as many options as the joint grid offers a small layer, most of them dominated
+    # (several families at overlapping costs): the solver, which drops each layer's dominated
+    # options before solving, finds the brute-force optimum of the unpruned problem both ways.
+    rng = np.random.default_rng(7)
+    pruned_away = 0
+    for _ in range(8):
+        sizes = rng.integers(8, 15, size=3)
+        costs = [rng.integers(1, 60, n) * 64 + rng.integers(0, 64, n) for n in sizes]
+        damages = [np.exp(-c / 900.0) * rng.uniform(0.5, 4.0, c.size) for c in costs]
+        options = Options(costs, damages)
+        pruned_away += sum(
+            c.size - nondominated(c, d).size for c, d in zip(costs, damages, strict=True)
+        )
+        totals = all_totals(options)
+        for max_cost in budgets(totals, 0, 4):
+            _check_minimize_damage(options, totals, max_cost)
+        for max_damage in budgets(totals, 1, 4):
+            _check_minimize_cost(options, totals, max_damage)
+    assert pruned_away > 0, "the instances hold dominated options"

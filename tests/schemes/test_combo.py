@@ -21,6 +21,7 @@ from allot.schemes import (
     parse_scheme,
     scheme_from_json,
 )
+from allot.stats import LayerStats
 
 
 def _residual(scheme, case) -> float:
@@ -145,3 +146,44 @@ def test_a_sum_of_small_parts_runs_them_instead_of_the_dense_weight() -> None:
     out = cheap(x)
     assert cheap.macs(out) == 36 * 3 * (16 * 9 + 32) * 2 < spec.numel * 36 * 2
     assert dense.macs(out) == spec.numel * 36 * 2
+
+
+def _weighted(difference: torch.Tensor, second: torch.Tensor) -> float:
+    d = difference.reshape(difference.shape[0], -1).double()
+    return float(((d @ second) * d).sum())
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        (Quant(2, rounding="steered"), Sparse(0.05)),
+        (Quant(1, rounding="steered"), LowRank(1, "whitened")),
+        (LowRank(1, "whitened"), Sparse(0.05)),
+    ],
+)
+def test_a_sum_refits_under_new_moments_when_a_part_does(parts) -> None:
+    case = make_case(SPECS["conv1d-strided"], seed=5)
+    assert Sum(parts).refits and not Sum((Quant(2), Sparse(0.05))).refits
+    # A target and input moments unlike the weight's profile (a few input directions 30 times
+    # stronger): the refit judges its residual under them, so more rounds never raise it there.
+    inputs = case.profile.inputs()
+    scale = torch.ones(case.spec.fan_in, dtype=torch.float64)
+    scale[::3] = 30.0
+    stats = LayerStats(scale[:, None] * inputs.input_cov * scale[None, :], inputs.samples)
+    target = case.weight + 0.3 * torch.randn(
+        case.weight.shape, generator=torch.Generator().manual_seed(6)
+    )
+    errors = []
+    for repeats in (1, 2, 3, 4):
+        module = Sum(parts, repeats).refit(target, case.bias, case.spec, stats)
+        assert module.state_dict().keys() == Sum(parts).empty(case.spec).state_dict().keys()
+        errors.append(_weighted(dense_weight(module).detach() - target, stats.input_cov))
+    assert all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(errors)), errors
+
+
+def test_a_sum_of_parts_that_do_not_refit_refuses_to() -> None:
+    case = make_case(SPECS["conv1d-strided"], seed=5)
+    with pytest.raises(ConfigError, match="cannot be re-fitted"):
+        Sum((Quant(2), Sparse(0.05))).refit(
+            case.weight, case.bias, case.spec, case.profile.inputs()
+        )

@@ -173,6 +173,25 @@ def test_whitened_needs_the_profile_and_stores_what_plain_stores() -> None:
     assert LowRank(2, "whitened").storage_bits(spec) == LowRank(2).storage_bits(spec)
 
 
+def test_the_c_step_of_either_fit_is_the_truncated_svd_and_needs_no_data() -> None:
+    # LC's C step minimises the plain weight error: the truncated SVD, for the whitened fit too
+    # (which refused to fit without a profile before, so `--refine lc` failed on its plans).
+    spec = SPECS["conv2d-dilated"]
+    case = _calibrated(spec)
+    target = case.weight + 0.1 * torch.randn(
+        case.weight.shape, generator=torch.Generator().manual_seed(3)
+    )
+    best = LowRank(2).compress(target, case.bias, spec)
+    for scheme in (LowRank(2), LowRank(2, "whitened")):
+        projected = scheme.project(target, case.bias, spec)
+        assert torch.allclose(dense_weight(projected), dense_weight(best), atol=1e-6)
+        error = float(
+            fold_weight_2d(dense_weight(projected).detach() - target).double().pow(2).sum()
+        )
+        values = torch.linalg.svdvals(fold_weight_2d(target).double())
+        assert error == pytest.approx(float(values[2:].pow(2).sum()), rel=1e-5)
+
+
 # --- hostile ranks ----------------------------------------------------------------------------
 
 

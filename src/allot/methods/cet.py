@@ -41,12 +41,14 @@ def cet_grid(layer: Layer) -> list[Scheme]:
     ]
 
 
+def steered_quants(spec: LayerSpec, bits: tuple[int, ...] = CET_BITS) -> list[Quant]:
+    """Steered quantization at each of `bits` and every grouping CET offers the layer."""
+    return [Quant(b, group, "steered") for b in bits for group in _groupings(spec)]
+
+
 def steered_grid(layer: Layer) -> list[Scheme]:
     """Steered quantization at every CET bit-width and grouping, then float."""
-    return [
-        *(Quant(bits, group, "steered") for bits in CET_BITS for group in _groupings(layer.spec)),
-        Keep(),
-    ]
+    return [*steered_quants(layer.spec), Keep()]
 
 
 def uniform_steered_grid(layer: Layer) -> list[Scheme]:

@@ -1,7 +1,7 @@
 """Error feedback: re-fit a plan's layers in order, each on the inputs the already compressed
 layers before it really produce, towards the float model's outputs. Every layer whose scheme
-says it can be re-fitted to input statistics (`Scheme.refits`: steered quantization and the
-whitened low-rank fit) is re-fitted; the others stay as applied.
+says it can be re-fitted to input statistics (`Scheme.refits`: steered quantization, the
+whitened low-rank fit, and a sum holding either) is re-fitted; the others stay as applied.
 
 Steering fits every layer alone, on the float model's inputs. Once a plan is applied, layer l
 sees inputs x_q that the compressed layers before it have moved away from the float inputs x_f.

@@ -111,7 +111,21 @@ def checked_metadata(plan: Plan) -> dict[str, Any]:
         )
     ):
         raise PlanError("plan.metadata.operator_error: expected per layer measured, bound")
+    families = meta.get("families") or {}
+    if not (
+        isinstance(families, dict)
+        and all(
+            isinstance(entry, dict)
+            and all(isinstance(k, str) and (c is None or _alternative(c)) for k, c in entry.items())
+            for entry in families.values()
+        )
+    ):
+        raise PlanError(
+            "plan.metadata.families: expected per layer and family a candidate "
+            "{label, cost_bits, damage} or null"
+        )
     return {
+        "families": families,
         "operator_error": operator,
         "prediction": prediction,
         "geometry": geometry,
@@ -119,6 +133,17 @@ def checked_metadata(plan: Plan) -> dict[str, Any]:
         "notes": notes,
         "layers": layers,
     }
+
+
+def _alternative(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("label"), str)
+        and isinstance(value.get("cost_bits"), int)
+        and not isinstance(value.get("cost_bits"), bool)
+        and value.get("damage") is not None
+        and _number(value.get("damage"))
+    )
 
 
 def _pair(value: Any, kind: type) -> bool:
@@ -185,6 +210,7 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
             "layer as fitted (before any refinement); *bound*: the bound its scheme states for it "
             "(ALDS: sqrt(k) max_i sigma_{j+1}(W_i) / sigma_1(W) for k groups at rank j).",
         ]
+    lines += _family_lines(plan, meta["families"])
     lines += _prediction_lines(meta["prediction"])
     lines += _geometry_lines(meta["geometry"])
     if plan.folded:
@@ -223,9 +249,13 @@ def _layer_lines(
     stores fewer numbers than its float weight (a factorized layer), its parameters before and
     after and its multiply-accumulates ratio; where the plan's predictions were checked, each
     changed layer's predicted and measured loss change (that layer alone changed); where operator
-    errors were measured, each layer's and its scheme's bound."""
+    errors were measured, each layer's and its scheme's bound; where the plan mixes compression
+    families (joint), each layer's family."""
     shrunk = any(c["parameters"][1] < c["parameters"][0] for c in costs.values())
+    mixed = len({layer.scheme.kinds for layer in plan.layers} - {"keep"}) > 1
     header = ["layer", "kind", "weight shape", "scheme", "bits/weight", "cost (bits)", "damage"]
+    if mixed:
+        header.insert(4, "family")
     if shrunk:
         header += ["parameters", "MACs ratio"]
     if checked:
@@ -243,6 +273,8 @@ def _layer_lines(
             layer.cost_bits,
             "" if layer.damage is None else float(layer.damage),
         ]
+        if mixed:
+            row.insert(4, layer.scheme.kinds)
         cost = costs.get(layer.name)
         if shrunk:
             if cost is None:
@@ -258,6 +290,39 @@ def _layer_lines(
             row += _operator_cells(operator.get(layer.name))
         rows.append(row)
     return _table(header, rows)
+
+
+def _family_lines(plan: Plan, families: dict[str, dict[str, dict | None]]) -> list[str]:
+    """Why each layer got its family: every family's least damaging candidate of the layer that
+    costs no more than the chosen one (the plan's `families` metadata, when it has one; layers
+    it does not name are left out)."""
+    if not families:
+        return []
+    names = sorted({family for entry in families.values() for family in entry})
+    rows = []
+    for layer in plan.layers:
+        entry = families.get(layer.name)
+        if entry is None:
+            continue
+        cells = []
+        for family in names:
+            candidate = entry.get(family)
+            cells.append(
+                "none this small"
+                if candidate is None
+                else f"{candidate['label']} ({_fmt(float(candidate['damage']))})"
+            )
+        rows.append([layer.name, f"{layer.scheme.label()} ({layer.scheme.kinds})", *cells])
+    return [
+        "",
+        "## Families per layer",
+        "",
+        "For each layer, each family's least damaging candidate that costs no more than the "
+        "layer's chosen one, with its predicted damage: the allocator weighs these across "
+        "layers under the one budget.",
+        "",
+        *_table(["layer", "chosen (family)", *names], rows),
+    ]
 
 
 def _operator_cells(entry: dict[str, float | None] | None) -> list[Any]:

@@ -143,6 +143,12 @@ class Scheme(abc.ABC):
         scheme that stores the float weight as it is (`Keep`) leaves it free."""
         return True
 
+    @property
+    def kinds(self) -> str:
+        """The compression family a report names: the scheme's kind (`quant`, `rank`,
+        `grouped`, `sparse`, `keep`, ...), or a sum's parts' kinds joined by `+`."""
+        return self.kind
+
     def label(self) -> str:
         """Short human-readable name, e.g. `quant4`, `rank12`, `sparse0.05`, `keep`."""
         values = "".join(str(v) for v in dataclasses.astuple(self) if v is not None)

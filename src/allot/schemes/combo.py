@@ -12,6 +12,9 @@ is not the plain weight error).
 `project`, LC's C step, with its own `project` (plain weight error), starting from the previous C
 step's parts when given (warm start): the first round then only accepts part fits that improve
 on them, so a C step never leaves a larger residual than the previous Theta does.
+
+A sum re-fits (`refit`, error feedback) when one of its parts does: the same alternation, the
+parts that re-fit re-fitted under the new input moments and the residual judged under them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from allot.discover import LayerSpec
+from allot.discover import LayerSpec, fold_weight_2d
 from allot.exceptions import ConfigError, PlanError
 from allot.modules.base import (
     CompressedLayer,
@@ -40,9 +43,11 @@ from allot.schemes.base import (
     register_scheme,
     scheme_from_json,
 )
+from allot.schemes.steer import DAMPING
 
 if TYPE_CHECKING:
     from allot.profile.engine import LayerProfile
+    from allot.stats import LayerStats
 
 REPEATS = 10
 
@@ -68,6 +73,10 @@ class Sum(Scheme):
                 )
         object.__setattr__(self, "parts", parts)
         check_int_field("Sum", "repeats", self.repeats, 1, 1000)
+
+    @property
+    def kinds(self) -> str:
+        return "+".join(part.kinds for part in self.parts)
 
     def label(self) -> str:
         return "+".join(part.label() for part in self.parts)
@@ -139,6 +148,39 @@ class Sum(Scheme):
             start,
         )
 
+    @property
+    def refits(self) -> bool:
+        """A sum re-fits (error feedback) when one of its parts does."""
+        return any(part.refits for part in self.parts)
+
+    def refit(
+        self, target: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats
+    ) -> SumLayer:
+        """The sum fitted to `target` under the input second moments `stats`: the parts
+        alternated on the residual as in `compress`, those that re-fit by their `refit` under
+        `stats`, the others by their own fit; a part's new fit is kept only when it lowers the
+        residual measured under the same moments, tr(R (M + lam I) R') with lam = `DAMPING` times
+        the mean diagonal of M (the objective error feedback minimises)."""
+        if not self.refits:
+            return super().refit(target, bias, spec, stats)
+        inner = _inner(spec)
+        assert stats.input_cov is not None
+        second = stats.input_cov
+        metric = second + DAMPING * float(second.diagonal().mean()) * torch.eye(
+            second.shape[0], dtype=second.dtype
+        )
+
+        def fit(part: Scheme, residual: Tensor, _old: nn.Module | None) -> nn.Module:
+            if part.refits:
+                return part.refit(residual, None, inner, stats)
+            return part.compress(residual, None, inner)
+
+        def error(target: Tensor, approximation: Tensor) -> float:
+            difference = fold_weight_2d(target - approximation).double()
+            return float(((difference @ metric) * difference).sum())
+
+        return self._alternate(target, bias, spec, fit, error=error)
+
     def _alternate(
         self,
         weight: Tensor,
@@ -146,10 +188,13 @@ class Sum(Scheme):
         spec: LayerSpec,
         fit: Callable[[Scheme, Tensor, nn.Module | None], nn.Module],
         start: list[nn.Module] | None = None,
+        error: Callable[[Tensor, Tensor], float] | None = None,
     ) -> SumLayer:
         """`repeats` rounds over the parts, each part re-fitted by `fit(part, residual, its
         current module)` to the residual the others leave and kept only if that lowers the
-        residual; parts start at `start`'s modules, or at zero."""
+        residual (its squared Frobenius norm, or `error(residual, fit)`); parts start at
+        `start`'s modules, or at zero."""
+        error = error or _error
         check_layer_tensors(spec, weight, bias)
         self.check(spec)
         target = weight.detach()
@@ -165,7 +210,7 @@ class Sum(Scheme):
                 module = fit(part, residual, fitted[k])
                 assert isinstance(module, CompressedLayer)
                 candidate = module.reconstruct().detach()
-                if fitted[k] is None or _error(residual, candidate) < _error(residual, dense[k]):
+                if fitted[k] is None or error(residual, candidate) < error(residual, dense[k]):
                     fitted[k], dense[k] = module, candidate
         return SumLayer(spec, [m for m in fitted if isinstance(m, CompressedLayer)], bias)
 

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from allot.discover import LayerSpec, fold_weight_2d
 from allot.exceptions import ConfigError
@@ -138,17 +138,30 @@ class LowRank(Scheme):
         spec: LayerSpec,
         profile: LayerProfile | None = None,
     ) -> LowRankLayer:
+        if self.fit == "plain":
+            return self.project(weight, bias, spec)
         check_layer_tensors(spec, weight, bias)
         self.check(spec)
-        if self.fit == "plain":
-            u, v = svd_factors(fold_weight_2d(weight), self.rank)
-            return LowRankLayer.from_factors(spec, u, v, bias)
         if profile is None:
             raise ConfigError(
                 f"{self.label()} fits to calibration data: give the layer's profile (allot.api "
                 "compress does), or use the plain fit (rank:R)"
             )
         return self.refit(weight, bias, spec, profile.inputs())
+
+    def project(
+        self,
+        target: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        previous: nn.Module | None = None,
+    ) -> LowRankLayer:
+        """LC's C step: the truncated SVD of `target`, the rank-`rank` weight nearest to it in
+        the plain squared error, whichever fit (plain or whitened) the scheme compresses with."""
+        check_layer_tensors(spec, target, bias)
+        self.check(spec)
+        u, v = svd_factors(fold_weight_2d(target), self.rank)
+        return LowRankLayer.from_factors(spec, u, v, bias)
 
     @property
     def refits(self) -> bool:

@@ -55,6 +55,9 @@ CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
 SWEEPS = 4
 REFITS = 2
 BLOCK = 32
+STACK = 2**23
+"""Most weights (candidates x out x fan_in) rounded and refined together by `steer_many`, which
+holds some 16 float64 tensors of that size at once (about 1 GB at 2**23); a speed setting only."""
 """Columns per block of the rounding and refinement sweeps (`_sequential`, `_refine`): a
 speed setting only, the results are the same for any block up to float64 rounding."""
 DAMPING = 0.01
@@ -81,18 +84,35 @@ def steer_many(
     refit: bool = False,
 ) -> list[tuple[Tensor, QuantGrid]]:
     """`steer` for several `(bits, groups, grid)` settings of one folded weight under the same
-    input statistics, in order: each setting's codes and grid are those `steer` gives it alone
-    (up to float64 rounding), but the settings share the factorisation of M and are rounded and
-    refined together, stacked along a leading candidate dimension, so every column step is one
-    set of tensor operations for all of them."""
+    input statistics, in order: each setting gets the codes and grid `steer` gives it alone (up to
+    float64 rounding), but the settings share the factorisation of M and are rounded and refined
+    together, stacked along a leading candidate dimension (at most `STACK` weights at a time), so
+    that each column step is one set of tensor operations for all of them."""
     w = weight_2d.detach().double()
     objective = _Objective(stats.input_cov.double() / stats.samples)
+    upper = _inverse_factor(objective.second)
+    size = max(1, STACK // w.numel())
+    return [
+        result
+        for first in range(0, len(settings), size)
+        for result in _steer_stacked(w, settings[first : first + size], objective, upper, refit)
+    ]
+
+
+def _steer_stacked(
+    w: Tensor,
+    settings: Sequence[tuple[int, int, str]],
+    objective: _Objective,
+    upper: Tensor,
+    refit: bool,
+) -> list[tuple[Tensor, QuantGrid]]:
+    """Steps 1-3 (and with `refit` 4-5) for each setting, steps 2 and 3 stacked."""
     nearest = [_best_clip(w, bits, groups, grid, objective) for bits, groups, grid in settings]
     tables = [_per_weight(fitted, w.shape[1]) for _, fitted, _ in nearest]
     low = torch.stack([table[0] for table in tables])
     step = torch.stack([table[1] for table in tables])
     levels = torch.tensor([_levels(bits) for bits, _, _ in settings], dtype=torch.float64)
-    codes = _sequential(w, low, step, levels, objective.second)
+    codes = _sequential(w, low, step, levels, upper)
     codes = _refine(codes, w, low, step, levels, objective)
     results = []
     for (bits, _, _), (rtn, fitted, rtn_value), steered, low_c, step_c in zip(
@@ -104,6 +124,13 @@ def steer_many(
             chosen, fitted = _refit(chosen, w, fitted, objective)
         results.append((chosen, fitted))
     return results
+
+
+def _inverse_factor(second: Tensor) -> Tensor:
+    """U, the upper Cholesky factor of M^-1 (M = `second` damped by `DAMPING` to be
+    invertible): U_jk / U_jj is how much of column j's rounding error column k > j takes."""
+    factor, _ = damped_cholesky(LayerStats(second, 1), DAMPING)
+    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
 
 
 def _best_clip(
@@ -252,19 +279,17 @@ def _dequantize(codes: Tensor, grid: QuantGrid) -> Tensor:
 
 
 def _sequential(
-    w: Tensor, low: Tensor, step: Tensor, levels: Tensor, second: Tensor, block: int = BLOCK
+    w: Tensor, low: Tensor, step: Tensor, levels: Tensor, upper: Tensor, block: int = BLOCK
 ) -> Tensor:
     """Codes (float64, (candidates, out, fan_in)) rounded column by column, each column's error
     spread over the later columns so as to minimise sum_r d_r' M d_r (M damped to be invertible),
     for every candidate grid (`low`, `step`: (candidates, out, fan_in); `levels`: each one's
     highest code, (candidates,)) of the weight `w` (out, fan_in) at once.
 
-    The error e_j of column j moves every later column k by -e_j U_jk (U the upper Cholesky
-    factor of M^-1). Columns are taken `block` at a time: within a block those moves are applied
+    The error e_j of column j moves every later column k by -e_j U_jk (U = `upper`, from
+    `_inverse_factor`). Columns are taken `block` at a time: within a block those moves are applied
     column by column to the block's later columns; the moves of all the block's columns onto the
     columns after it are one matrix product at the block's end (the same sums in another order)."""
-    factor, _ = damped_cholesky(LayerStats(second, 1), DAMPING)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
     fan_in = w.shape[1]
     target = _columns(w.expand_as(low))
     low, step = _columns(low), _columns(step)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import SPECS, make_case
 
+import allot.schemes.quant as quant_module
 from allot.modules.base import dense_weight
 from allot.profile.activations import damped_cholesky
 from allot.schemes import Keep, Quant
@@ -123,7 +124,11 @@ SETTINGS = [(1, 1, "symmetric"), (2, 3, "zero-point"), (3, 3, "float-offset"), (
 
 
 @pytest.mark.parametrize(("seed", "block"), [(0, 5), (1, 32), (2, 70)])
-def test_stacked_blocked_rounding_and_refinement_equal_the_reference(seed, block) -> None:
+@pytest.mark.parametrize("sparse", [0.0, 2.0])  # a block's moves on d M: by product, one by one
+def test_stacked_blocked_rounding_and_refinement_equal_the_reference(
+    seed, block, sparse, monkeypatch
+) -> None:
+    monkeypatch.setattr(steering, "SPARSE", sparse)
     w, second = _problem(seed, out=9, fan_in=69)
     low, step, levels = _grids(seed, w, SETTINGS)
     upper = steering._inverse_factor(second)
@@ -160,7 +165,14 @@ def test_steer_many_equals_the_reference_for_every_setting(stack, monkeypatch) -
         assert codes.dtype == torch.int64
 
 
-def test_quant_compresses_its_steered_candidates_together_as_one_by_one() -> None:
+def test_quant_compresses_its_steered_candidates_together_as_one_by_one(monkeypatch) -> None:
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        return steering.steer_many(*args, **kwargs)
+
+    monkeypatch.setattr(quant_module, "steer_many", counted)
     case = make_case(SPECS["linear-nobias"], seed=2)
     schemes = [
         Quant(3, 4, "steered"),
@@ -170,6 +182,7 @@ def test_quant_compresses_its_steered_candidates_together_as_one_by_one() -> Non
         Quant(1, 8, "steered"),
     ]
     together = compress_all(schemes, case.weight, None, case.spec, case.profile)
+    assert calls == [3]  # the three steered candidates in one call
     for scheme, module in zip(schemes, together, strict=True):
         alone = scheme.compress(case.weight, None, case.spec, case.profile)
         assert type(module) is type(alone)

@@ -37,6 +37,12 @@ it lowers f:
 Steps 1-3 choose the grid by its round-to-nearest codes; at 2 bits the best grid for the steered
 codes is far from it (on ResNet-20 the re-fit lowers the calibration loss of error feedback's 2-bit
 model from 0.0071 to 0.0060). Scaled-sign grids (1 bit) are not re-fitted.
+
+`steer_many` steers several (bits, groups, grid) settings of one layer at once: they share M, so
+steps 2 and 3 run on all of them stacked, every column step one set of tensor operations over all
+rows of all settings; later columns take a block's rounding errors (step 2) or code moves (step 3)
+once per block of `BLOCK` columns. The results are those of the column-by-column algorithm above up
+to float64 rounding (tests/schemes/test_steer_reference.py; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -55,11 +61,14 @@ CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
 SWEEPS = 4
 REFITS = 2
 BLOCK = 32
+"""Columns per block of the rounding and refinement sweeps (`_sequential`, `_refine`): a
+speed setting only, the results are the same for any block up to float64 rounding."""
+SPARSE = 0.01
+"""Moves per code of a block above which `_refine` adds the block's moves to d M as one dense
+product, below which move by move; a speed setting only (measured best near 1 %)."""
 STACK = 2**23
 """Most weights (candidates x out x fan_in) rounded and refined together by `steer_many`, which
 holds some 16 float64 tensors of that size at once (about 1 GB at 2**23); a speed setting only."""
-"""Columns per block of the rounding and refinement sweeps (`_sequential`, `_refine`): a
-speed setting only, the results are the same for any block up to float64 rounding."""
 DAMPING = 0.01
 
 
@@ -269,13 +278,15 @@ class _Objective:
 def _per_weight(grid: QuantGrid, fan_in: int) -> tuple[Tensor, Tensor]:
     """The grid's (lowest value, step), float64, repeated to every weight: (out, fan_in)."""
     low, step = grid.levels()
-    size = fan_in // low.shape[1]
-    return low.repeat_interleave(size, dim=1), step.repeat_interleave(size, dim=1)
+    shape = (*low.shape, fan_in // low.shape[1])
+    return tuple(t[..., None].expand(shape).reshape(len(t), fan_in) for t in (low, step))
 
 
 def _dequantize(codes: Tensor, grid: QuantGrid) -> Tensor:
-    low, step = _per_weight(grid, codes.shape[1])
-    return low + step * codes
+    """The float64 values (out, fan_in) of integer or float `codes` on `grid`."""
+    low, step = grid.levels()
+    grouped = codes.reshape(*low.shape, -1)
+    return (low[..., None] + step[..., None] * grouped).reshape(codes.shape)
 
 
 def _sequential(
@@ -324,11 +335,14 @@ def _refine(
     (at most `SWEEPS` sweeps), for every candidate (`codes`, `low`, `step`: (candidates, out,
     fan_in); `levels`: each one's highest code, (candidates,)) of the weight `w` at once.
 
-    A move of code (r, j) by s changes f_r by 2 s (d_r M)_j + s^2 M_jj, so d M is kept up to
-    date: within a block of `block` columns the moves of its earlier columns are added to its
-    later columns one by one, and at the block's end the block's moves (a few per cent of its
-    codes) are added to every column, move by move. Sweeping on after a sweep that changed
-    nothing changes nothing, so candidates still moving do not change the others' result."""
+    A move of code (r, j) by +-s changes f_r by c +- t with c = s^2 M_jj >= 0 and
+    t = 2 s (d_r M)_j: raising it lowers f_r exactly when t < -c, lowering it exactly when t > c
+    (never both), so those are the moves. d M is kept up to date: each block of `block` columns
+    is copied out (one row per column), the moves of its earlier columns are added to its later
+    columns one by one, and at the block's end its moves are added to every column of d M (as one
+    matrix product, or move by move where they are fewer than `SPARSE` of its codes). Sweeping
+    on after a sweep that changed nothing changes nothing, so candidates still moving do not
+    change the others' result."""
     count = len(codes)
     second = objective.second
     fan_in = w.shape[1]
@@ -336,7 +350,8 @@ def _refine(
     product = ((low + step * codes - w) @ second).reshape(-1, fan_in)
     codes, step = _columns(codes), _columns(step)
     twice = 2 * step
-    curvature = step**2 * second.diagonal()[:, None]  # s^2 M_jj
+    curvature = step**2 * second.diagonal()[:, None]  # c
+    bound = -curvature
     varying = step > 0
     top = levels.repeat_interleave(w.shape[0])
     ceiling = torch.where(varying, top, -1.0)  # raise a code only below it
@@ -345,21 +360,22 @@ def _refine(
         changed = False
         for start in range(0, fan_in, block):
             end = min(start + block, fan_in)
-            pending = torch.zeros_like(codes[start:end])  # this block's moves on its columns
-            shifts = torch.zeros_like(pending)
+            local = product[:, start:end].T.contiguous()  # (d M)_j for the block's columns
+            shifts = torch.zeros_like(local)
             for j in range(start, end):
                 k = j - start
-                slope = twice[j] * (product[:, j] + pending[k])
-                up = slope + curvature[j]
-                down = curvature[j] - slope
-                raising = (codes[j] < ceiling[j]) & (up < 0)
-                lowering = (codes[j] > floor[j]) & (down < torch.where(raising, up, 0.0))
+                slope = twice[j] * local[k]
+                raising = (codes[j] < ceiling[j]) & (slope < bound[j])
+                lowering = (codes[j] > floor[j]) & (slope > curvature[j])
                 move = torch.where(lowering, -1.0, raising.double())
                 codes[j] += move
                 torch.mul(move, step[j], out=shifts[k])
-                pending[k + 1 :].addr_(second[j, j + 1 : end], shifts[k])
+                local[k + 1 :].addr_(second[j, j + 1 : end], shifts[k])
             column, row = shifts.nonzero(as_tuple=True)
-            if len(row):
+            if len(row) > SPARSE * shifts.numel():
+                changed = True
+                product.addmm_(shifts.T, second[start:end])
+            elif len(row):
                 changed = True
                 moves = second[start + column] * shifts[column, row, None]
                 product.index_add_(0, row, moves)

@@ -149,10 +149,10 @@ def test_stacked_blocked_rounding_and_refinement_equal_the_reference(
     assert (step == 0).any() and torch.equal(refined[step == 0], start[step == 0])
 
 
-@pytest.mark.parametrize("stack", [steering.STACK, 2 * 9 * 96])  # all at once; two at a time
+@pytest.mark.parametrize("stack", [steering.STACK, 2 * 6 * 48])  # all at once; two at a time
 def test_steer_many_equals_the_reference_for_every_setting(stack, monkeypatch) -> None:
     monkeypatch.setattr(steering, "STACK", stack)
-    w, second = _problem(3, out=9, fan_in=96)
+    w, second = _problem(3, out=6, fan_in=48)
     stats = LayerStats(second * 50, 50)
     settings = [*SETTINGS, (3, 1, "float-offset"), (8, 1, "zero-point")]
     results = steering.steer_many(w, settings, stats)

@@ -21,6 +21,7 @@ from allot.modules.base import dense_weight
 from allot.profile.engine import Profile
 from allot.progress import progress_bar
 from allot.schemes import Grid, Scheme
+from allot.schemes.base import compress_all
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,7 @@ def score_candidates(
         ):
             weight, bias = get_weight(model, layer.name)
             view = profile.layer(layer.name)
-            modules[layer.name] = [
-                scheme.compress(weight, bias, layer.spec, view) for scheme in row
-            ]
+            modules[layer.name] = compress_all(row, weight, bias, layer.spec, view)
             deltas[layer.name] = [dense_weight(m) - weight for m in modules[layer.name]]
     damages = error_model.damages(deltas, profile)
     for layer, row in zip(layers, schemes, strict=True):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -79,6 +79,20 @@ class Scheme(abc.ABC):
     ) -> nn.Module:
         """Fit to `weight` (shape `spec.weight_shape`) and return the compressed module."""
         ...
+
+    @classmethod
+    def compress_many(
+        cls,
+        schemes: Sequence[Scheme],
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        profile: LayerProfile | None = None,
+    ) -> list[nn.Module]:
+        """`compress` of each of `schemes` (all of this class) on the same layer, in order. By
+        default one after the other; a class whose fits share work on one layer (steered `Quant`:
+        one input second moment for all its bit-widths and groupings) fits them together."""
+        return [scheme.compress(weight, bias, spec, profile) for scheme in schemes]
 
     @abc.abstractmethod
     def empty(self, spec: LayerSpec) -> nn.Module:
@@ -178,6 +192,25 @@ class Scheme(abc.ABC):
         """Build from the colon-separated arguments of the string form
         (`quant:4:g64` -> ['4', 'g64'])."""
         ...
+
+
+def compress_all(
+    schemes: Sequence[Scheme],
+    weight: Tensor,
+    bias: Tensor | None,
+    spec: LayerSpec,
+    profile: LayerProfile | None = None,
+) -> list[nn.Module]:
+    """`compress` of every scheme on one layer, in order, each class's schemes fitted together
+    by its `compress_many`."""
+    classes: dict[type[Scheme], list[int]] = {}
+    for index, scheme in enumerate(schemes):
+        classes.setdefault(type(scheme), []).append(index)
+    modules: dict[int, nn.Module] = {}
+    for cls, indices in classes.items():
+        fitted = cls.compress_many([schemes[i] for i in indices], weight, bias, spec, profile)
+        modules.update(zip(indices, fitted, strict=True))
+    return [modules[index] for index in range(len(schemes))]
 
 
 def scheme_from_json(data: Any, where: str = "scheme", depth: int = 0) -> Scheme:

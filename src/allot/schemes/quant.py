@@ -14,6 +14,7 @@ The grids are defined in `allot.modules.quant`, and how they are fitted in `allo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ from allot.modules.quant import (
 )
 from allot.schemes.base import Scheme, check_int_field, register_scheme
 from allot.schemes.grid import quantize_rtn
-from allot.schemes.steer import steer
+from allot.schemes.steer import steer, steer_many
 
 if TYPE_CHECKING:
     from allot.profile.engine import LayerProfile
@@ -116,6 +117,32 @@ class Quant(Scheme):
                 "compress does), or use rounding='nearest'"
             )
         return self.fit_steered(weight, bias, spec, profile.inputs())
+
+    @classmethod
+    def compress_many(
+        cls,
+        schemes: Sequence[Quant],
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: LayerSpec,
+        profile: LayerProfile | None = None,
+    ) -> list[nn.Module]:
+        """`compress` of each scheme; the steered ones steered together (`steer_many`: one
+        factorisation of the layer's input second moment and one column sweep for all)."""
+        steered = [s for s in schemes if s.rounding == "steered"]
+        if profile is None or len(steered) < 2:
+            return super().compress_many(schemes, weight, bias, spec, profile)
+        check_layer_tensors(spec, weight, bias)
+        for scheme in steered:
+            scheme.check(spec)
+        settings = [(s.bits, group_count(spec.fan_in, s.group), s.grid) for s in steered]
+        fits = iter(steer_many(fold_weight_2d(weight), settings, profile.inputs()))
+        return [
+            QuantizedLayer.from_codes(spec, *next(fits), bias)
+            if scheme.rounding == "steered"
+            else scheme.compress(weight, bias, spec, profile)
+            for scheme in schemes
+        ]
 
     def project(
         self,

@@ -16,11 +16,15 @@ def leave(code: int) -> NoReturn:
     KeyboardInterrupt was raised inside code an extension ran through `PyRun_*` (torch does while
     it is imported), Python would otherwise end by killing itself with SIGINT at shutdown,
     replacing exit code 130 by a death by signal. Nothing is left to clean up by then: outputs
-    not yet complete were removed as the interrupt passed."""
+    not yet complete were removed as the interrupt passed. Any other code is final once the
+    command has returned: later interrupts are ignored."""
     if code == 130:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    # The command is done and has said so: an interrupt from here on (while the interpreter shuts
+    # down, which takes a while after torch) would turn its exit code into a death by SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)
 
 
@@ -53,8 +57,14 @@ def main() -> int:
 
 
 def entry() -> NoReturn:
-    """The console script: `main`, then `leave` with its exit code."""
-    leave(main())
+    """The console script: `main`, then `leave` with its exit code (130, with the one line, for
+    an interrupt landing between the command's end and `leave`)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("allot: interrupted", file=sys.stderr)
+        code = 130
+    leave(code)
 
 
 if __name__ == "__main__":

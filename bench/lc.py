@@ -14,7 +14,7 @@ bench/results/.<model>-lc-checkpoints/, so an interrupted run resumes, mid-LC in
 Writes bench/results/<model>-lc.{json,md,png}.
 
     nice python bench/lc.py --model mnist1d-cnn
-    nice python bench/lc.py --model mnist-resnet20
+    nice python bench/lc.py --model mnist-resnet20 --forms "quant1+sparse2%"
 """
 
 from __future__ import annotations
@@ -232,11 +232,14 @@ class Bench:
             self.add(row)
 
 
-def run(model_name: str, settings: dict, calibration: int, seed: int) -> dict:
+def run(
+    model_name: str, settings: dict, calibration: int, seed: int, forms: list[str] | None = None
+) -> dict:
     bench = Bench(model_name, settings, calibration, seed)
     anchor = bench.anchor_ratio()
     for form in FORMS:
-        bench.form(form, anchor)
+        if forms is None or form.name in forms:
+            bench.form(form, anchor)
     bench.post_training()
     return {
         **environment(model_name, bench.dataset, seed),
@@ -383,6 +386,11 @@ def main() -> None:
     parser.add_argument(
         "--lc", action="append", default=[], metavar="KEY=VALUE", help="an LC setting"
     )
+    parser.add_argument(
+        "--forms",
+        help="comma-separated forms to run (default: all); a run of a few forms on a "
+        "model whose epochs are long",
+    )
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -395,7 +403,10 @@ def main() -> None:
             settings[key] = json.loads(value)
         except json.JSONDecodeError:
             settings[key] = value  # a word, such as an optimizer's name
-    results = run(args.model, settings, args.calibration, args.seed)
+    forms = args.forms.split(",") if args.forms else None
+    if forms and (unknown := sorted(set(forms) - {f.name for f in FORMS})):
+        parser.error(f"unknown forms {unknown}; known: {', '.join(f.name for f in FORMS)}")
+    results = run(args.model, settings, args.calibration, args.seed, forms)
     results["command"] = command()
     stem = RESULTS / f"{args.model}-lc"
     write_json(stem.with_suffix(".json"), results)

@@ -181,7 +181,7 @@ class Bench:
                 "schemes": {layer.name: layer.scheme.label() for layer in plan.layers},
                 "prediction": plan.metadata.get("prediction"),
                 "lossless": plan.metadata.get("lossless"),
-                "joint": _joint_summary(plan.metadata.get("joint")),
+                "joint": _joint_summary(plan.metadata.get("lowrank_joint")),
                 "scoring_seconds": scoring,
                 "seconds": seconds,
             }

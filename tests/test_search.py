@@ -166,7 +166,7 @@ def test_compact_through_compress_keeps_the_measured_loss_and_is_deterministic(d
             "",
             base.grid,
             base.error_model,
-            refine="joint",
+            refine="lowrank-joint",
             search="compact-recording",
         )
         result = compress(

@@ -101,8 +101,8 @@ def test_balanced_keeps_the_product_and_balances_the_factors() -> None:
 def test_joint_refinement_lowers_its_objective_and_keeps_only_what_helps(digits) -> None:
     method = get_method("lowrank-lossless")
     result = compress(create_model("test-cnn"), digits, method, Budget("ratio", 2), progress=False)
-    assert result.plan.metadata["refine"]["name"] == "joint"
-    records = result.plan.metadata["joint"]
+    assert result.plan.metadata["refine"]["name"] == "lowrank-joint"
+    records = result.plan.metadata["lowrank_joint"]
     assert records
     for name, record in records.items():
         assert isinstance(result.model.get_submodule(name), LowRankLayer)
@@ -136,4 +136,4 @@ def test_joint_refinement_lowers_its_objective_and_keeps_only_what_helps(digits)
 )
 def test_bad_settings_are_named(settings, message) -> None:
     with pytest.raises(ConfigError, match=message):
-        get_refiner("joint").configure(settings)
+        get_refiner("lowrank-joint").configure(settings)

@@ -76,7 +76,7 @@ for method in (
         "the joint step",
         whitened_grid,
         error_model="measured",
-        refine="joint",
+        refine="lowrank-joint",
     ),
     Method(
         "lowrank-compact",
@@ -84,7 +84,7 @@ for method in (
         "below float's (lossless budget by default)",
         whitened_grid,
         error_model="measured",
-        refine="joint",
+        refine="lowrank-joint",
         search="compact",
         budget=Budget("lossless"),
     ),

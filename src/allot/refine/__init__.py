@@ -8,7 +8,7 @@ invalid ones with a `ConfigError` that names them.
 
 Registered: `feedback` (error feedback: re-fit each re-fittable layer on the compressed model's
 inputs, no settings), `finetune` (a short training of the compressed model's trainable
-parameters on the data's training batches, `TrainSettings`), `joint` (error feedback, then the
+parameters on the data's training batches, `TrainSettings`), `lowrank-joint` (error feedback, then the
 joint step of lossless low-rank factorization on every factorized layer, `JointSettings`) and
 `lc` (learning-compression: train the float weights towards the plan's compressed form,
 `LCSettings`).
@@ -98,7 +98,7 @@ register_refiner(
 )
 register_refiner(
     Refiner(
-        "joint",
+        "lowrank-joint",
         joint,
         JointSettings,
         "re-fit each factorized layer in order, then move its factors to lower its output error "

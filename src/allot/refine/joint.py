@@ -26,7 +26,7 @@ factorization error), so F never increases. The factors are then re-balanced (sa
 
 The step is kept for a layer only where it helps: the calibration loss is measured before and
 after the layer's iterations, and the layer goes back to its re-fitted factors when the loss rose.
-Per layer, `plan.metadata["joint"]` records lam, the iterations taken, F and q before and after,
+Per layer, `plan.metadata["lowrank_joint"]` records lam, the iterations taken, F and q before and after,
 the measured losses and whether the step was kept.
 """
 
@@ -187,7 +187,7 @@ def joint(
             fold_weight_2d(gradients[layer.name]).double(),
         )
         records[layer.name] = _step_layer(curvature, model, layer.name, objective, data, settings)
-    plan.metadata["joint"] = records
+    plan.metadata["lowrank_joint"] = records
     return model.eval()
 
 

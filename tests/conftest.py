@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from allot import Budget, Policy, compress, save
 from allot.zoo import create_model, get_dataset
 
 
@@ -28,3 +29,19 @@ def digits():
 @pytest.fixture
 def test_cnn():
     return create_model("test-cnn")
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, digits):
+    """A test-cnn artifact whose last layer is quantized + sparse (a Sum with a sparse part), so
+    every module kind and a composite are in it (the fuzz and hostile-input suites forge it)."""
+    result = compress(
+        create_model("test-cnn"),
+        digits,
+        "uniform-quant",
+        Budget("bits", 4),
+        policy=Policy.parse(pins=["5=quant:2+sparse:0.05"]),
+        model_name="test-cnn",
+        progress=False,
+    )
+    return save(result.model, result.plan, tmp_path_factory.mktemp("artifact") / "a")

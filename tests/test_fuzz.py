@@ -1,8 +1,9 @@
 """Fuzzing plan.json, artifacts and command lines (hypothesis).
 
 The only acceptable outcomes: success, or one refusal (an `AllotError` with a one-line message;
-on the command line, one line on stderr and exit code 2); in bounded time and memory; nothing
-written outside the command's output directory. The default suite runs a few hundred generated
+on the command line, one line on stderr and exit code 2); bounded memory growth (no test
+asserts on wall-clock time: a hang shows as a run that does not end); nothing written outside
+the command's output directory. The default suite runs a few hundred generated
 cases; `pytest -m slow tests/test_fuzz.py` runs 10,000 (5,000 plans, 4,000 artifacts, 1,000
 command lines).
 """
@@ -15,7 +16,6 @@ import json
 import os
 import resource
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,10 @@ from hypothesis import strategies as st
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from allot import Budget, compress, load, save
+from allot import load
 from allot.cli import main
 from allot.exceptions import AllotError
 from allot.io import PLAN, WEIGHTS, read_plan
-from allot.policy import Policy
-from allot.zoo import create_model
 
 DTYPES = [
     torch.float16,
@@ -168,34 +166,14 @@ def one_line_refusal(exc: BaseException) -> None:
     assert "\n" not in str(exc) and 0 < len(str(exc)) < 2000, str(exc)
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, digits) -> Path:
-    """A test-cnn artifact with a quantized + sparse layer (a Sum), so every module kind and a
-    composite are fuzzed."""
-    result = compress(
-        create_model("test-cnn"),
-        digits,
-        "uniform-quant",
-        Budget("bits", 4),
-        policy=Policy.parse(pins=["5=quant:2+sparse:0.05"]),
-        model_name="test-cnn",
-        progress=False,
-    )
-    return save(result.model, result.plan, tmp_path_factory.mktemp("fuzz") / "art")
-
-
 class Bounds:
-    """Time per case and memory growth of the whole run."""
+    """Memory growth of the whole run (time is bounded by the subprocess timeouts where a case
+    runs a command; tests do not assert on wall-clock time)."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self) -> None:
         self.start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    def case(self) -> float:
-        return time.perf_counter()
-
-    def check(self, start: float) -> None:
-        assert time.perf_counter() - start < self.seconds
+    def check(self) -> None:
         grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.start_rss
         assert grown_kib < 2**20, f"peak memory grew by {grown_kib} KiB"
 
@@ -225,7 +203,6 @@ def _plan_case(data: st.DataObject, artifact: Path, root: Path, bounds: Bounds) 
     else:
         document = mutate_json(data, json.loads(original))
         (directory / PLAN).write_text(json.dumps(document))
-    start = bounds.case()
     try:
         plan = read_plan(directory)
         markdown.write_report(plan, {}, directory)
@@ -234,14 +211,14 @@ def _plan_case(data: st.DataObject, artifact: Path, root: Path, bounds: Bounds) 
             model(torch.rand(2, 1, 8, 8))
     except AllotError as exc:
         one_line_refusal(exc)
-    bounds.check(start)
+    bounds.check()
 
 
 def _run_plans(artifact: Path, root: Path, examples: int, monkeypatch) -> None:
     import allot.report.markdown as markdown
 
     monkeypatch.setattr(markdown, "_plots", lambda: None)  # plots: tests/test_hostile.py
-    bounds = Bounds(seconds=20)
+    bounds = Bounds()
 
     @_settings(examples)
     @given(data=st.data())
@@ -322,7 +299,6 @@ def _artifact_case(data: st.DataObject, artifact: Path, root: Path, bounds: Boun
             return  # safetensors cannot write this forgery; nothing to load
     if data.draw(st.booleans(), label="rehash"):
         _rehash(directory)  # a forger updates the digest; the checks on load must hold
-    start = bounds.case()
     try:
         model, _ = load(directory)
     except AllotError as exc:
@@ -330,11 +306,11 @@ def _artifact_case(data: st.DataObject, artifact: Path, root: Path, bounds: Boun
     else:
         with torch.no_grad():  # what loads runs; forged but valid values may give any outputs
             model(torch.rand(2, 1, 8, 8))
-    bounds.check(start)
+    bounds.check()
 
 
 def _run_artifacts(artifact: Path, root: Path, examples: int) -> None:
-    bounds = Bounds(seconds=20)
+    bounds = Bounds()
 
     @_settings(examples)
     @given(data=st.data())
@@ -479,9 +455,8 @@ def _command_case(data, template: Path, root: Path, bounds: Bounds, capsys) -> N
     argv = _argv(data)
     os.chdir(sandbox)
     before = _tree(sandbox)
-    start = bounds.case()
     code = main(["--no-progress", *argv])
-    bounds.check(start)
+    bounds.check()
     _, err = capsys.readouterr()
     errors = [line for line in err.splitlines() if not line.startswith("allot: warning:")]
     if code != 0:
@@ -513,7 +488,7 @@ def _within(path: str, outputs: set[str]) -> bool:
 def _run_commands(template_root: Path, artifact: Path, examples: int, capsys) -> None:
     template = template_root / "template"
     _sandbox(template, artifact)
-    bounds = Bounds(seconds=180)
+    bounds = Bounds()
     cwd = os.getcwd()
 
     @_settings(examples)

@@ -71,7 +71,7 @@ def run(model_name: str, calibration: int, seed: int, repeats: int, probes: int)
     krylov = profiled.krylov()
     estimates = {
         variant: hutchinson_blocks(
-            curvature.hvp,
+            curvature.hvps,
             shapes,
             probes,
             probes,

@@ -7,7 +7,7 @@ from hessians import pairs
 from torch import Tensor, nn
 
 from allot.exceptions import ConfigError
-from allot.profile.hutchinson import hutchinson, hutchinson_blocks
+from allot.profile.hutchinson import hutchinson, hutchinson_blocks, probewise
 from allot.profile.hvp import Curvature
 from allot.profile.lanczos import Krylov, Lanczos
 
@@ -136,7 +136,12 @@ def test_coupled_blocks_have_unbiased_traces_and_diagonals() -> None:
     for rows in slices.values():  # most of every row's off-diagonal weight couples other blocks
         assert off_diagonal[rows].norm() ** 2 > 10 * off_diagonal[rows, rows].norm() ** 2
     estimates = hutchinson_blocks(
-        block_matvec(a, BLOCKS), BLOCKS, 2000, 2000, 0.0, torch.Generator().manual_seed(0)
+        probewise(block_matvec(a, BLOCKS)),
+        BLOCKS,
+        2000,
+        2000,
+        0.0,
+        torch.Generator().manual_seed(0),
     )
     assert list(estimates) == list(BLOCKS)
     for name, shape in BLOCKS.items():
@@ -158,7 +163,7 @@ def test_coupled_blocks_have_unbiased_traces_and_diagonals() -> None:
 def test_blocks_use_independent_probes_in_key_order() -> None:
     a = coupled(seed=5)
     estimates = hutchinson_blocks(
-        block_matvec(a, BLOCKS), BLOCKS, 40, 40, 0.0, torch.Generator().manual_seed(3)
+        probewise(block_matvec(a, BLOCKS)), BLOCKS, 40, 40, 0.0, torch.Generator().manual_seed(3)
     )
     generator = torch.Generator().manual_seed(3)
     draws = [
@@ -189,13 +194,17 @@ def test_the_stopping_rule_waits_for_the_slowest_block() -> None:
     def matvec(z: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"exact": d * z["exact"], "noisy": a @ z["noisy"]}
 
-    slow = hutchinson_blocks(matvec, shapes, 3, 1000, 0.005, torch.Generator().manual_seed(0))
+    slow = hutchinson_blocks(
+        probewise(matvec), shapes, 3, 1000, 0.005, torch.Generator().manual_seed(0)
+    )
     assert 3 < slow["noisy"].probes < 1000  # the exact block alone would stop at 3
     assert slow["exact"].probes == slow["noisy"].probes
     assert slow["exact"].converged and slow["noisy"].converged
     assert slow["noisy"].trace_stderr <= 0.005 * abs(slow["noisy"].trace)
 
-    cut = hutchinson_blocks(matvec, shapes, 3, 5, 0.005, torch.Generator().manual_seed(0))
+    cut = hutchinson_blocks(
+        probewise(matvec), shapes, 3, 5, 0.005, torch.Generator().manual_seed(0)
+    )
     assert cut["exact"].probes == cut["noisy"].probes == 5
     assert cut["exact"].converged and not cut["noisy"].converged
     assert cut["exact"].trace == pytest.approx(float(d.sum()), rel=1e-12)
@@ -208,7 +217,7 @@ def test_one_block_gives_the_single_operator_estimate(probes_min: int, rel_tol: 
         matrix_matvec(a, (2, 5)), (2, 5), probes_min, 50, rel_tol, torch.Generator().manual_seed(7)
     )
     blocks = hutchinson_blocks(
-        lambda z: {"w": matrix_matvec(a, (2, 5))(z["w"])},
+        probewise(lambda z: {"w": matrix_matvec(a, (2, 5))(z["w"])}),
         {"w": (2, 5)},
         probes_min,
         50,
@@ -228,9 +237,9 @@ def test_one_block_gives_the_single_operator_estimate(probes_min: int, rel_tol: 
 
 def test_blocks_reject_no_blocks_and_missing_products() -> None:
     with pytest.raises(ConfigError, match="no blocks"):
-        hutchinson_blocks(lambda z: z, {})
+        hutchinson_blocks(probewise(lambda z: z), {})
     with pytest.raises(ConfigError, match="'b'"):
-        hutchinson_blocks(lambda z: {"a": z["a"]}, {"a": (2,), "b": (3,)})
+        hutchinson_blocks(probewise(lambda z: {"a": z["a"]}), {"a": (2,), "b": (3,)})
 
 
 def krylov_of(a: Tensor, iterations: int, seed: int) -> Krylov:
@@ -255,7 +264,7 @@ def test_deflation_by_a_krylov_space_is_unbiased_and_cuts_the_error() -> None:
     a = outliers(30, seed=3)
     plain, deflated = (
         hutchinson_blocks(
-            block_matvec(a, shapes),
+            probewise(block_matvec(a, shapes)),
             shapes,
             400,
             400,
@@ -278,7 +287,7 @@ def test_a_krylov_space_spanning_the_block_makes_it_exact() -> None:
     a = coupled(seed=5)[:10, :10]
     exact_block = a[:6, :6]
     estimates = hutchinson_blocks(
-        block_matvec(a, shapes),
+        probewise(block_matvec(a, shapes)),
         shapes,
         50,
         50,
@@ -297,10 +306,53 @@ def test_a_krylov_space_spanning_the_block_makes_it_exact() -> None:
 def test_a_deflation_basis_of_the_wrong_size_is_rejected() -> None:
     with pytest.raises(ConfigError, match="deflation basis"):
         hutchinson_blocks(
-            lambda z: z,
+            probewise(lambda z: z),
             {"a": (3,)},
             2,
             2,
             0.0,
             deflation={"a": krylov_of(torch.eye(4, dtype=torch.float64), 2, 0)},
         )
+
+
+@pytest.mark.parametrize(("probes_min", "rel_tol", "round_max"), [(3, 0.005, None), (4, 0.01, 2)])
+def test_rounds_of_probes_give_the_one_at_a_time_estimate(
+    probes_min: int, rel_tol: float, round_max: int | None
+) -> None:
+    """Rounds only group the matvecs: the estimate, its errors and the probe count are those of
+    probes taken one at a time, and no round is larger than asked."""
+    shapes = {"exact": (3, 4), "noisy": (20,)}
+    d = torch.linspace(1, 3, 12, dtype=torch.float64).view(3, 4)
+    a = symmetric(20, seed=6)
+    rounds: list[int] = []
+
+    def matvec(z: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"exact": d * z["exact"], "noisy": a @ z["noisy"]}
+
+    def one_at_a_time(probes: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        assert len(probes) == 1
+        return [matvec(probes[0])]
+
+    def grouped(probes: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        rounds.append(len(probes))
+        return [matvec(z) for z in probes]
+
+    reference, batched = (
+        hutchinson_blocks(
+            f, shapes, probes_min, 1000, rel_tol, torch.Generator().manual_seed(0), round_max=r
+        )
+        for f, r in ((one_at_a_time, 1), (grouped, round_max))
+    )
+    assert rounds[0] == min(probes_min, round_max or probes_min)
+    assert 1 < len(rounds) < reference["noisy"].probes  # rounds, fewer than probes
+    assert round_max is None or max(rounds) <= round_max
+    assert sum(rounds) >= batched["noisy"].probes
+    for name in shapes:
+        one, many = reference[name], batched[name]
+        assert (many.trace, many.trace_stderr, many.probes, many.converged) == (
+            one.trace,
+            one.trace_stderr,
+            one.probes,
+            one.converged,
+        )
+        assert torch.equal(many.diagonal, one.diagonal)

@@ -46,6 +46,9 @@ from allot.progress import progress_bar, progress_counter
 from allot.stats import LayerStats
 
 _VERSION = "allot-profile-4"
+PROBE_ROUND_NUMEL = 2**26
+"""Most weights' worth of Hutchinson probes whose products share one forward and first backward
+per batch (a round holds a probe and a product per probe: 512 MB at float32 for 2**26)."""
 T = TypeVar("T")
 
 
@@ -148,18 +151,21 @@ class Profile:
                 s = self.settings
                 with progress_counter("Hessian trace probes", self.progress, s.probes_max) as step:
 
-                    def matvec(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
-                        step()
-                        return self.curvature.hvp(vectors)
+                    def matvecs(probes: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+                        products = self.curvature.hvps(probes)
+                        for _ in probes:
+                            step()
+                        return products
 
                     self._estimates = hutchinson_blocks(
-                        matvec,
+                        matvecs,
                         {name: self.curvature.shape(name) for name in self.names},
                         s.probes_min,
                         s.probes_max,
                         s.rel_tol,
                         torch.Generator().manual_seed(s.seed + 1),
                         deflation=self.krylov(),
+                        round_max=max(1, PROBE_ROUND_NUMEL // self._numel()),
                     )
                 self.cache.put(key, _pack_estimates(self._estimates))
         return self._estimates
@@ -293,6 +299,9 @@ class Profile:
                     step()
             self._krylov_runs = {name: run.krylov() for name, run in runs.items()}
         return self._krylov_runs
+
+    def _numel(self) -> int:
+        return sum(shape.numel() for shape in self._shapes().values())
 
     def _shapes(self) -> dict[str, torch.Size]:
         return {name: self.curvature.shape(name) for name in self.names}

@@ -7,7 +7,11 @@ most `rel_tol` times the trace's magnitude (after at least `probes_min` probes),
 
 The operator may act on several blocks of variables at once (one layer's weights each, say):
 `hutchinson_blocks` estimates every diagonal block A_ii from the same matvecs, and stops once every
-block's trace meets the rule.
+block's trace meets the rule. It asks for its probes' products in rounds (a Hessian's products can
+share one forward and first backward per batch): the first round has `probes_min` probes, each later
+round as many as the standard errors so far predict the rule needs (the error falls as 1/sqrt of
+the probes). Probes are folded in one at a time and the rule is checked after each, so the result
+is the one-probe-at-a-time estimate exactly; a round's probes after the stopping point are dropped.
 
 Deflation (Hutch++ with a Lanczos basis in place of a random sketch): given, per block, the Ritz
 vectors V of a Lanczos run started independently of the probes (`allot.profile.lanczos.Krylov`),
@@ -21,6 +25,7 @@ much of the variance away (ResNet-20 layers, 16 probes, 4 Lanczos iterations: st
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +52,17 @@ class Estimate:
     converged: bool
 
 
+Probes = list[dict[str, Tensor]]
+"""Probes of a block operator, one dict of tensors (one per block) each."""
+
+
+def probewise(
+    matvec: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+) -> Callable[[Probes], Probes]:
+    """A round-taking matvec (what `hutchinson_blocks` calls) from a one-probe matvec."""
+    return lambda probes: [matvec(z) for z in probes]
+
+
 def hutchinson(
     matvec: Callable[[Tensor], Tensor],
     shape: Sequence[int],
@@ -61,24 +77,32 @@ def hutchinson(
     `generator` (CPU), so a seeded generator makes the result deterministic.
     """
     estimates = hutchinson_blocks(
-        lambda z: {"": matvec(z[""])}, {"": shape}, probes_min, probes_max, rel_tol, generator
+        probewise(lambda z: {"": matvec(z[""])}),
+        {"": shape},
+        probes_min,
+        probes_max,
+        rel_tol,
+        generator,
     )
     return estimates[""]
 
 
 def hutchinson_blocks(
-    matvec: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    matvecs: Callable[[Probes], Probes],
     shapes: dict[str, Sequence[int]],
     probes_min: int = 8,
     probes_max: int = 256,
     rel_tol: float = 0.05,
     generator: torch.Generator | None = None,
     deflation: dict[str, Krylov] | None = None,
+    round_max: int | None = None,
 ) -> dict[str, Estimate]:
     """Estimate tr(A_ii) and diag(A_ii) of every diagonal block of an operator on several blocks.
 
-    `matvec` takes and returns a dict of tensors, one per block of `shapes` (float64 on the way in);
-    the operator may couple blocks. Each probe draws independent Rademacher entries for every block,
+    `matvecs` takes a round of probes, each a dict of tensors, one per block of `shapes` (float64
+    on the way in), and returns their products in order (`probewise` makes it from a one-probe
+    matvec); rounds hold at most `round_max` probes (no limit by default); the operator may couple
+    blocks. Each probe draws independent Rademacher entries for every block,
     in the key order of `shapes`, from `generator` (CPU), and costs one matvec. Because the blocks'
     probes are independent, z_i'(A z)_i and z_i * (A z)_i are unbiased for tr(A_ii) and diag(A_ii)
     even when off-diagonal blocks A_ij are not zero; the coupling only adds variance (the entries
@@ -101,19 +125,29 @@ def hutchinson_blocks(
         raise ConfigError("no blocks given; name at least one block and its shape")
     deflation = deflation or {}
     blocks = {name: _Running(tuple(shape), deflation.get(name)) for name, shape in shapes.items()}
-    probes = 0
-    while probes < probes_max:
-        z = {name: block.probe(generator) for name, block in blocks.items()}
-        deflated = {name: block.deflate(z[name]) for name, block in blocks.items()}
-        products = matvec(deflated)
-        probes += 1
-        for name, block in blocks.items():
-            if name not in products:
-                raise ConfigError(f"matvec returned no product for block {name!r}")
-            product = products[name].to(dtype=torch.float64, device="cpu")
-            block.add(z[name] * product, deflated[name] * product, probes)
-        if probes >= probes_min and all(block.met(probes, rel_tol) for block in blocks.values()):
-            break
+    if round_max is not None and round_max < 1:
+        raise ConfigError(f"round_max must be at least 1, got {round_max}")
+    probes, done = 0, False
+    while not done and probes < probes_max:
+        size = probes_min - probes if probes < probes_min else _predicted(blocks, probes, rel_tol)
+        size = min(size, probes_max - probes, round_max or size)
+        drawn = [
+            {name: block.probe(generator) for name, block in blocks.items()} for _ in range(size)
+        ]
+        deflated = [{name: blocks[name].deflate(z[name]) for name in blocks} for z in drawn]
+        products = matvecs(deflated)
+        if len(products) != size:
+            raise ConfigError(f"matvecs returned {len(products)} products for {size} probes")
+        for z, z_deflated, product in zip(drawn, deflated, products, strict=True):
+            probes += 1
+            for name, block in blocks.items():
+                if name not in product:
+                    raise ConfigError(f"matvec returned no product for block {name!r}")
+                p = product[name].to(dtype=torch.float64, device="cpu")
+                block.add(z[name] * p, z_deflated[name] * p, probes)
+            done = probes >= probes_min and all(b.met(probes, rel_tol) for b in blocks.values())
+            if done:
+                break
     return {
         name: block.estimate(probes, block.met(probes, rel_tol)) for name, block in blocks.items()
     }
@@ -177,6 +211,21 @@ class _Running:
             probes=probes,
             converged=converged,
         )
+
+
+def _predicted(blocks: dict[str, _Running], probes: int, rel_tol: float) -> int:
+    """How many more probes the slowest block's trace needs to meet the rule if its spread stays
+    as seen so far (the standard error falls as 1/sqrt(probes)); at least one, and unbounded
+    (`sys.maxsize`) when the rule asks for a zero error that is not zero."""
+    more = 1
+    for block in blocks.values():
+        target = rel_tol * abs(block.trace_mean)
+        error = _stderr(block.trace_m2, probes)
+        if error > target:
+            if target == 0:
+                return sys.maxsize
+            more = max(more, math.ceil(probes * (error / target) ** 2) - probes)
+    return more
 
 
 def _stderr(m2: float, probes: int) -> float:

@@ -110,9 +110,16 @@ class Curvature:
 
         Layers absent from `vectors` count as zero vectors. Costs 2 forward+backward equivalents.
         """
-        for name in vectors:
-            self._weight(name)
-        return self._hvps(self.layers, [(vectors, self.layers)])[0]
+        return self.hvps([vectors])[0]
+
+    def hvps(self, vectors: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """`hvp` of each of several vectors, sharing each batch's forward and first backward:
+        one gradient sweep plus one second backward per vector (1 + len(vectors) forward+backward
+        equivalents instead of 2 len(vectors))."""
+        for vs in vectors:
+            for name in vs:
+                self._weight(name)
+        return self._hvps(self.layers, [(vs, self.layers) for vs in vectors])
 
     def layer_hvp(self, name: str, v: Tensor) -> Tensor:
         """H_ii v: one layer's Hessian block times v (2 forward+backward equivalents)."""

@@ -18,8 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from allot.api import prepare
+from allot.evaluate import metrics
 from allot.files import atomic_write, write_json
-from allot.zoo import Dataset, get_entry
+from allot.profile.measure import mean_loss
+from allot.zoo import Dataset, create_model, get_dataset, get_entry
 
 RESULTS = Path(__file__).parent / "results"
 REPOSITORY = Path(__file__).parent.parent
@@ -91,6 +94,26 @@ def refine_settings(model_name: str, folded: bool, epochs: int) -> dict:
     assert zoo is not None
     lr = zoo.lr * (FOLDED_LR_SCALE if folded else 1.0)
     return {"epochs": epochs, "lr": lr, "optimizer": zoo.optimizer, "schedule": "cosine"}
+
+
+class ZooRun:
+    """A zoo model as a benchmark starts from: the float model, its data set (`calibration`
+    samples drawn with `seed`) and data contract, its prepared (BatchNorm-folded) copy `work`, the
+    headline metric's name, and the float model's metrics and calibration loss (`float_metrics`)."""
+
+    def __init__(self, model_name: str, calibration: int, seed: int) -> None:
+        self.model_name, self.seed = model_name, seed
+        self.model = create_model(model_name)
+        self.dataset = get_dataset(
+            get_entry(model_name).dataset, calibration_size=calibration, seed=seed
+        )
+        self.data = self.dataset.to_data()
+        self.work, _, _, _ = prepare(self.model)
+        self.head = self.dataset.task.headline
+        self.float_metrics = {
+            **metrics(self.model, self.data),
+            "calibration_loss": mean_loss(self.work, self.data),
+        }
 
 
 class Journal:

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from common import RESULTS, Journal, command, environment, save_figure
+from common import RESULTS, Journal, ZooRun, command, environment, save_figure
 
 from allot import Budget, Scored, compress_scored, load, save, score
-from allot.api import Refinement, prepare
+from allot.api import Refinement
 from allot.data import forward
 from allot.evaluate import metrics
 from allot.exceptions import BudgetError
@@ -49,7 +49,6 @@ from allot.io import WEIGHTS
 from allot.methods import get_method
 from allot.methods.joint import JOINT, joint_grid
 from allot.profile.measure import mean_loss
-from allot.zoo import create_model, get_dataset, get_entry
 
 RATIOS = (8.0, 11.0, 16.0, 24.0, 32.0)
 SINGLE = ("quant", "rank", "grouped", "sparse")
@@ -59,7 +58,7 @@ PASSES = 3
 """Forward+backward passes over the calibration set timed (the median is the unit)."""
 
 
-class Bench:
+class Bench(ZooRun):
     """The model, its data, the scored candidates and the journaled rows of one run."""
 
     def __init__(self, model_name: str, calibration: int, seed: int, finetune: int) -> None:
@@ -69,22 +68,14 @@ class Bench:
             key,
             lambda row: (row["method"], row["budget"], row["refine"]),
         )
-        self.model_name, self.seed = model_name, seed
-        self.model = create_model(model_name)
-        self.dataset = get_dataset(
-            get_entry(model_name).dataset, calibration_size=calibration, seed=seed
-        )
-        self.data = self.dataset.to_data()
-        self.work, _, _, _ = prepare(self.model)
-        self.head = self.dataset.task.headline
+        super().__init__(model_name, calibration, seed)
         self.inputs = self.dataset.example_inputs(8)
         self.float_row = {
             "method": "float",
             "budget": "-",
             "refine": "-",
             "ratio": 1.0,
-            **metrics(self.model, self.data),
-            "calibration_loss": mean_loss(self.work, self.data),
+            **self.float_metrics,
         }
         self.pass_seconds = self.forward_backward()
         self.scored: dict[str, Scored] = {}

@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, Journal, command, environment
+from common import RESULTS, Journal, ZooRun, command, environment
 
 from allot import Budget, Refinement, Result, Scored, compress_scored, load, save, score
-from allot.api import prepare
 from allot.data import forward
 from allot.evaluate import file_bytes, latencies, macs, metrics
 from allot.exceptions import BudgetError
@@ -45,7 +44,6 @@ from allot.methods import Method, get_method
 from allot.profile.cache import Cache, default_directory
 from allot.profile.measure import mean_loss
 from allot.schemes import LowRank
-from allot.zoo import create_model, get_dataset, get_entry
 
 RATIOS = (1.5, 2.0, 3.0)
 BASELINES = ("svd-energy", "svd-llm", "uniform-rank")
@@ -68,7 +66,7 @@ VARIANTS = (
 )
 
 
-class Bench:
+class Bench(ZooRun):
     """The model, its folded copy, the data, timing inputs and the journaled rows of one run."""
 
     def __init__(self, model_name: str, calibration: int, seed: int, tolerance: float) -> None:
@@ -79,14 +77,7 @@ class Bench:
             "tolerance": tolerance,
         }
         self.journal = Journal(RESULTS / f".{model_name}-lowrank.journal.json", key)
-        self.model_name, self.seed = model_name, seed
-        self.model = create_model(model_name)
-        self.dataset = get_dataset(
-            get_entry(model_name).dataset, calibration_size=calibration, seed=seed
-        )
-        self.data = self.dataset.to_data()
-        self.work, _, _, _ = prepare(self.model)
-        self.head = self.dataset.task.headline
+        super().__init__(model_name, calibration, seed)
         self.inputs = self.dataset.example_inputs(LATENCY_BATCH)
         self.float_macs = macs(self.work, self.inputs)
         self.float_file = file_bytes(self.work)
@@ -94,8 +85,7 @@ class Bench:
             "method": "float",
             "budget": "-",
             "ratio": 1.0,
-            **metrics(self.model, self.data),
-            "calibration_loss": mean_loss(self.work, self.data),
+            **self.float_metrics,
             "file_bytes": self.float_file,
         }
         self.cache = Cache(default_directory())

@@ -141,6 +141,7 @@ def score(
         get_error_model(method.error_model),
         profiled,
         progress,
+        method.screen,
     )
     return Scored(
         model,
@@ -274,6 +275,16 @@ def compress_scored(scored: Scored, budget: Budget, refinement: Refinement | Non
     alternatives = table.alternatives(choice)
     if alternatives is not None:
         plan.metadata["families"] = alternatives
+    if table.screened_out is not None:
+        plan.metadata["screened"] = {
+            "margin": method.screen,
+            "layers": {
+                layer.name: {"screened_out": out, "scored": len(row)}
+                for layer, out, row in zip(
+                    table.layers, table.screened_out, table.candidates, strict=True
+                )
+            },
+        }
     plan.metadata["layers"] = layer_costs(work, compressed, plan, data)
     bounded = operator_errors(work, table.fitted(choice), plan)
     if bounded:

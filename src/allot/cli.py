@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import warnings
@@ -178,6 +179,17 @@ def _inputs(args: argparse.Namespace, ref: str | None) -> list[Path]:
     return [Path(p) for p in paths if p is not None]
 
 
+def _screen_margin(text: str) -> float:
+    """--screen's value: a finite number >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 1 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1, got {text!r}")
+    return value
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     ref = args.model_file or args.model
     if ref is None:
@@ -195,7 +207,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     scheme = Policy.parse((), [f"*={args.scheme}"] if args.scheme else ())
     policy = Policy((*scheme.rules, *Policy.parse(args.keep or (), args.pin or ()).rules))
     out = Path(args.out)
-    refinement = _refinement(args, get_method(args.method), out)
+    method = get_method(args.method)
+    if args.screen is not None:
+        method = dataclasses.replace(method, screen=args.screen)
+    refinement = _refinement(args, method, out)
     with staged_directory(out, is_artifact_file, _inputs(args, ref), ArtifactError) as staging:
         model = float_model(ref, args.weights)
         data = _data(args, ref, model, args.data)
@@ -205,7 +220,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         result = api.compress(
             model,
             data,
-            args.method,
+            method,
             budget,
             policy=policy,
             refinement=refinement,
@@ -768,6 +783,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATTERN=SCHEME",
         help="give layers matching the glob this scheme, e.g. 'fc=quant:8' (repeatable; "
         "applied after --keep, later ones win)",
+    )
+    p.add_argument(
+        "--screen",
+        type=_screen_margin,
+        metavar="MARGIN",
+        help="score only candidates that no other candidate of their layer storing no more beats "
+        "by more than MARGIN (>= 1) times in output error |dW x|^2 (saves the passes of the "
+        "measured error model; default: the method's own, usually none)",
     )
     _add_budget(p)
     _add_source(p)

@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from allot.allocate import Options, nondominated
+from allot.allocate import Options, minimize_damage, nondominated, screened
 from allot.exceptions import ConfigError, PlanError
 
 
@@ -96,3 +96,54 @@ def test_nondominated_matches_definition():
         assert sorted(kept.tolist()) == expected
         for a, b in itertools.pairwise(kept):
             assert cost[a] < cost[b] and damage[a] > damage[b]
+
+
+def test_screened_drops_options_beaten_by_more_than_the_margin_at_no_more_cost():
+    cost = np.array([1.0, 2.0, 2.0, 3.0, 4.0])
+    cheap = np.array([8.0, 1.0, 3.9, 0.5, 0.0])
+    # option 2 (cheap 3.9) is beaten by option 1 (1.0) at equal cost: out at margin 2, in at 4;
+    # option 0 has nothing cheaper; option 4 (cheap 0) is always kept.
+    assert screened(cost, cheap, 2.0).tolist() == [0, 1, 3, 4]
+    assert screened(cost, cheap, 4.0).tolist() == [0, 1, 2, 3, 4]
+    # margin 1: exactly the options no cheaper-or-equal option beats outright
+    assert screened(cost, cheap, 1.0).tolist() == [0, 1, 3, 4]
+    assert screened(np.array([1.0, 1.0]), np.array([2.0, 2.0]), 1.0).tolist() == [0, 1]
+
+
+def test_screening_within_its_margin_never_changes_an_optimum():
+    """Exact damages = cheap damages x factors within the margin's ratio: the knapsack's least
+    damage is the same with the screened-out options removed, at every budget."""
+    dropped = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        margin = float(rng.choice([1.0, 1.5, 4.0]))
+        layers = int(rng.integers(2, 4))
+        costs = [rng.integers(1, 8, int(rng.integers(2, 7))).astype(float) for _ in range(layers)]
+        cheaps = [rng.exponential(size=c.size) * (rng.random(c.size) > 0.1) for c in costs]
+        exact = [c * rng.uniform(1.0, margin, c.size) * rng.uniform(0.1, 10) for c in cheaps]
+        kept = [screened(c, e, margin) for c, e in zip(costs, cheaps, strict=True)]
+        dropped += sum(c.size - k.size for c, k in zip(costs, kept, strict=True))
+        full = Options(costs, exact)
+        small = Options(
+            [c[k] for c, k in zip(costs, kept, strict=True)],
+            [e[k] for e, k in zip(exact, kept, strict=True)],
+        )
+        for budget in np.linspace(full.min_cost(), full.max_cost(), 7):
+            best = full.total(minimize_damage(full, budget))[1]
+            assert small.total(minimize_damage(small, budget))[1] == pytest.approx(best, abs=1e-9)
+    assert dropped > 40  # the property is not vacuous
+
+
+@pytest.mark.parametrize(
+    ("cost", "cheap", "margin", "message"),
+    [
+        ([1.0, 2.0], [1.0, 2.0], 0.5, "margin"),
+        ([1.0, 2.0], [1.0, 2.0], float("inf"), "margin"),
+        ([1.0, 2.0], [1.0, 2.0], float("nan"), "margin"),
+        ([1.0, 2.0], [1.0, -2.0], 2.0, ">= 0"),
+        ([1.0, 2.0], [1.0], 2.0, "one cost"),
+    ],
+)
+def test_screened_rejects_bad_input(cost, cheap, margin, message):
+    with pytest.raises(ConfigError, match=message):
+        screened(np.array(cost), np.array(cheap), margin)

@@ -248,3 +248,43 @@ def test_the_plan_says_why_each_layer_got_its_family(scored, tmp_path) -> None:
 def test_a_single_family_plan_has_no_family_table(scored) -> None:
     plan = compress_scored(_restricted(scored, ["quant"]), Budget("ratio", 8.0), ONE_SHOT).plan
     assert "families" not in plan.metadata
+
+
+def test_screening_scores_only_the_kept_candidates_as_without_it(scored, calibration, tmp_path):
+    """A screened joint table holds the candidates `screened` keeps by output error, with the
+    damages the unscreened table gives them; the dropped ones are never measured; the plan
+    says how many were dropped and the report says it too."""
+    margin = 2.0
+    screened_scored = score(
+        tiny(), calibration, dataclasses.replace(JOINT, screen=margin), progress=False
+    )
+    table = screened_scored.table
+    assert table.screened_out is not None and sum(table.screened_out) > 0
+    measured = screened_scored.profile._measured  # one entry per change measured (private)
+    full_rows = {
+        layer.name: row
+        for layer, row in zip(scored.table.layers, scored.table.candidates, strict=True)
+    }
+    for layer, row, out in zip(table.layers, table.candidates, table.screened_out, strict=True):
+        full = full_rows[layer.name]
+        assert len(row) + out == len(full)
+        damages = {c.scheme: c.damage for c in full}
+        assert all(c.damage == damages[c.scheme] for c in row)
+        assert Keep() in {c.scheme for c in row}
+    assert len(measured) <= sum(len(row) for row in table.candidates)
+    plan = compress_scored(screened_scored, Budget("ratio", 8.0), ONE_SHOT).plan
+    record = plan.metadata["screened"]
+    assert record["margin"] == margin
+    assert sum(e["screened_out"] for e in record["layers"].values()) == sum(table.screened_out)
+    text = write_report(plan, {}, tmp_path).read_text()
+    assert f"Screening: {sum(table.screened_out)} of " in text
+    # unscreened tables record nothing
+    assert scored.table.screened_out is None
+    assert "screened" not in compress_scored(scored, Budget("ratio", 8.0), ONE_SHOT).plan.metadata
+
+
+def test_a_malformed_screening_record_is_one_plan_error(scored, tmp_path) -> None:
+    plan = compress_scored(scored, Budget("ratio", 8.0), ONE_SHOT).plan
+    plan.metadata["screened"] = {"margin": 2.0, "layers": {"0": {"screened_out": "many"}}}
+    with pytest.raises(PlanError, match="screened"):
+        write_report(plan, {}, tmp_path)

@@ -23,7 +23,7 @@ from allot.allocate.alds import alds, alds_sequence, alds_within_damage
 from allot.allocate.greedy import greedy, greedy_within_damage, lagrangian, lower_hull, pareto_sweep
 from allot.allocate.knapsack import minimize_cost, minimize_damage
 from allot.allocate.minmax import minmax, minmax_within_damage, threshold_sequence
-from allot.allocate.table import Options, nondominated
+from allot.allocate.table import Options, nondominated, screened
 from allot.allocate.uniform import uniform, uniform_sequence, uniform_within_damage
 from allot.registry import Registry
 
@@ -123,6 +123,7 @@ __all__ = [
     "nondominated",
     "pareto_sweep",
     "register_allocator",
+    "screened",
     "threshold_sequence",
     "uniform",
     "uniform_sequence",

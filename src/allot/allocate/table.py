@@ -172,3 +172,27 @@ def nondominated(cost: np.ndarray, damage: np.ndarray) -> np.ndarray:
             kept.append(j)
             best = damage[j]
     return np.array(kept, dtype=np.intp)
+
+
+def screened(cost: np.ndarray, cheap: np.ndarray, margin: float) -> np.ndarray:
+    """Indices (ascending) of one layer's options worth scoring exactly, judged by a cheap damage
+    estimate: option j is screened out when another option costs no more and its cheap damage
+    times `margin` is still below j's.
+
+    If every option's exact damage is its cheap damage times a factor, and the factors of one
+    layer's options lie within a ratio `margin` of each other, a screened-out option is strictly
+    dominated by exact damage too, so it is in no optimum of any allocation and removing it
+    changes no plan. `margin` (>= 1) is that assumption: the larger, the fewer options are
+    screened out. Cheap damages must be >= 0; an option with cheap damage 0 is always kept.
+    """
+    if not margin >= 1 or math.isinf(margin):
+        raise ConfigError(f"the screening margin must be a finite number >= 1, got {margin}")
+    cost, cheap = np.asarray(cost, dtype=np.float64), np.asarray(cheap, dtype=np.float64)
+    if cost.shape != cheap.shape or cost.ndim != 1:
+        raise ConfigError("give one cost and one cheap damage per option")
+    if not np.all(np.isfinite(cheap)) or np.any(cheap < 0):
+        raise ConfigError(f"cheap damages must be finite and >= 0, got {cheap.tolist()}")
+    no_dearer = cost[np.newaxis, :] <= cost[:, np.newaxis]  # [j, k]: k costs no more than j
+    np.fill_diagonal(no_dearer, False)
+    beaten = no_dearer & (margin * cheap[np.newaxis, :] < cheap[:, np.newaxis])
+    return np.flatnonzero(~beaten.any(axis=1))

@@ -20,7 +20,9 @@ class Method:
     `allot.errors.ERROR_MODELS`; `refine`, if set, a key of `allot.refine.REFINERS` run on the
     applied plan with `refine_settings` (plain values for the refiner's settings dataclass);
     `search` a key of `allot.search.SEARCHES`, how a lossless budget searches the candidates;
-    `budget`, if set, the budget the command line uses when the user gives none."""
+    `budget`, if set, the budget the command line uses when the user gives none; `screen`, if
+    set, the margin by which candidates are screened by their output error before the error
+    model scores them (`allot.candidates`)."""
 
     name: str
     description: str
@@ -31,6 +33,7 @@ class Method:
     refine_settings: dict[str, Any] = field(default_factory=dict)
     search: str = "sequence"
     budget: Budget | None = None
+    screen: float | None = None
 
 
 def register_method(method: Method) -> Method:

@@ -7,6 +7,7 @@ and says how to get them.
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -124,8 +125,22 @@ def checked_metadata(plan: Plan) -> dict[str, Any]:
             "plan.metadata.families: expected per layer and family a candidate "
             "{label, cost_bits, damage} or null"
         )
+    screening = meta.get("screened") or {}
+    if not (
+        isinstance(screening, dict)
+        and (not screening or _count(screening.get("margin")))
+        and isinstance(screening.get("layers", {}), dict)
+        and all(
+            isinstance(e, dict) and all(_count(e.get(k)) for k in ("screened_out", "scored"))
+            for e in screening.get("layers", {}).values()
+        )
+    ):
+        raise PlanError(
+            "plan.metadata.screened: expected a margin and per layer screened_out, scored counts"
+        )
     return {
         "families": families,
+        "screened": screening,
         "operator_error": operator,
         "prediction": prediction,
         "geometry": geometry,
@@ -144,6 +159,11 @@ def _alternative(value: Any) -> bool:
         and value.get("damage") is not None
         and _number(value.get("damage"))
     )
+
+
+def _count(value: Any) -> bool:
+    """A finite number >= 0 (not a bool)."""
+    return _number(value) and value is not None and math.isfinite(value) and value >= 0
 
 
 def _pair(value: Any, kind: type) -> bool:
@@ -211,6 +231,7 @@ def write_report(plan: Plan, evaluation: dict[str, dict[str, Any]], directory: P
             "(ALDS: sqrt(k) max_i sigma_{j+1}(W_i) / sigma_1(W) for k groups at rank j).",
         ]
     lines += _family_lines(plan, meta["families"])
+    lines += _screening_lines(meta["screened"])
     lines += _prediction_lines(meta["prediction"])
     lines += _geometry_lines(meta["geometry"])
     if plan.folded:
@@ -290,6 +311,21 @@ def _layer_lines(
             row += _operator_cells(operator.get(layer.name))
         rows.append(row)
     return _table(header, rows)
+
+
+def _screening_lines(screening: dict) -> list[str]:
+    """How many candidates screening dropped unscored (the plan's `screened` metadata)."""
+    if not screening:
+        return []
+    layers = screening["layers"].values()
+    out = sum(e["screened_out"] for e in layers)
+    total = out + sum(e["scored"] for e in layers)
+    return [
+        "",
+        f"Screening: {out} of {total} candidates were dropped unscored, each beaten by more than "
+        f"{_fmt(float(screening['margin']))}x in output error |dW x|^2 by a candidate of its layer "
+        "that stores no more.",
+    ]
 
 
 def _family_lines(plan: Plan, families: dict[str, dict[str, dict | None]]) -> list[str]:

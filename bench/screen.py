@@ -119,6 +119,8 @@ def markdown(results: dict) -> str:
         f"# Screening joint's candidates by output error: {results['model']}",
         "",
         f"Command: `{results['command']}`",
+        f"Code: {results['code']}; {results['calibration_samples']} calibration samples, "
+        f"{results['threads']} thread(s)",
         "",
         "Each margin keeps the candidates no other candidate of their layer storing no more beats "
         "by more than the margin in output error; per ratio: *same* when the kept candidates give "

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import numpy as np
@@ -6,7 +7,7 @@ from scipy.optimize import OptimizeResult
 
 import allot.allocate.knapsack as knapsack
 from allot.allocate import Options, minimize_cost, minimize_damage, nondominated
-from allot.exceptions import BudgetError
+from allot.exceptions import BudgetError, ConfigError
 
 from .cases import KINDS, all_totals, budgets, random_options
 
@@ -218,3 +219,47 @@ def test_dominance_pruning_keeps_the_optimum_of_joint_sized_layers():
         for max_damage in budgets(totals, 1, 4):
             _check_minimize_cost(options, totals, max_damage)
     assert pruned_away > 0, "the instances hold dominated options"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_work_limit_too_matches_brute_force(kind):
+    """Least damage within a cost and a work limit (then least cost), against every choice."""
+    rng = np.random.default_rng(20 + KINDS.index(kind))
+    checked = binding = 0
+    for _ in range(6):
+        plain = random_options(rng, kind)
+        work = [rng.integers(0, 9, c.size).astype(float) for c in plain.costs]
+        options = Options(plain.costs, plain.damages, work=work)
+        choices = list(itertools.product(*(range(n) for n in options.sizes)))
+        totals = [
+            (*options.total(ch), math.fsum(float(w[j]) for w, j in zip(work, ch, strict=True)))
+            for ch in choices
+        ]
+        for max_cost in budgets([(c, d) for c, d, _ in totals], 0, 2):
+            for max_work in sorted({t[2] for t in totals})[::3]:
+                fitting = [(d, c) for c, d, w in totals if c <= max_cost and w <= max_work]
+                if max_cost < options.min_cost() or not fitting:
+                    with pytest.raises(BudgetError):
+                        minimize_damage(options, max_cost, max_work)
+                    continue
+                choice = minimize_damage(options, max_cost, max_work)
+                cost, damage = options.total(choice)
+                used = math.fsum(float(w[j]) for w, j in zip(work, choice, strict=True))
+                assert cost <= max_cost and used <= max_work
+                assert (damage, cost) == min(fitting)
+                checked += 1
+                alone = [(d, c) for c, d, _ in totals if c <= max_cost]
+                binding += min(alone) != min(fitting)
+    assert checked > 15 and binding > 2  # the work limit decided some of them
+
+
+def test_a_work_limit_needs_work_and_names_what_cannot_be_met():
+    options = Options([[0, 10], [0, 10]], [[2, 0], [2, 0]], work=[[5, 1], [5, 1]])
+    with pytest.raises(BudgetError, match="work limit 1 is below"):
+        minimize_damage(options, 20, 1)
+    # each limit alone can be met, both together cannot: cheap options do more work
+    with pytest.raises(BudgetError, match="raise one of the two limits"):
+        minimize_damage(options, 5, 6)
+    assert minimize_damage(options, 20, 2) == [1, 1]
+    with pytest.raises(ConfigError, match="work limit needs"):
+        minimize_damage(Options([[0, 1]], [[1, 0]]), 1, 1)

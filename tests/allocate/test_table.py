@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from allot.allocate import Options, minimize_damage, nondominated, screened
+from allot.allocate.table import nondominated_by
 from allot.exceptions import ConfigError, PlanError
 
 
@@ -147,3 +148,23 @@ def test_screening_within_its_margin_never_changes_an_optimum():
 def test_screened_rejects_bad_input(cost, cheap, margin, message):
     with pytest.raises(ConfigError, match=message):
         screened(np.array(cost), np.array(cheap), margin)
+
+
+def test_nondominated_by_matches_the_definition_and_nondominated():
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        n = int(rng.integers(1, 12))
+        values = [rng.integers(0, 4, n).astype(float) for _ in range(3)]
+        kept = nondominated_by(values).tolist()
+        table = np.stack(values)
+        for j in range(n):
+            dominated = any(
+                np.all(table[:, k] <= table[:, j]) and np.any(table[:, k] < table[:, j])
+                for k in range(n)
+            )
+            first_of_equals = all(not np.array_equal(table[:, k], table[:, j]) for k in range(j))
+            assert (j in kept) == (not dominated and first_of_equals)
+        cost, damage = values[0], values[1]
+        assert (
+            sorted(nondominated(cost, damage).tolist()) == nondominated_by((cost, damage)).tolist()
+        )

@@ -33,8 +33,8 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
-from allot.allocate.table import Options, nondominated
-from allot.exceptions import BudgetError
+from allot.allocate.table import Options, nondominated, nondominated_by
+from allot.exceptions import BudgetError, ConfigError
 
 # Presolve off: see the module docstring.
 _HIGHS_OPTIONS = {"presolve": False, "mip_rel_gap": 0.0}
@@ -65,15 +65,42 @@ def _silent_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-def minimize_damage(options: Options, max_cost: float) -> list[int]:
-    """The choice with the least total damage whose total cost is at most ``max_cost`` bits.
+def minimize_damage(options: Options, max_cost: float, max_work: float | None = None) -> list[int]:
+    """The choice with the least total damage whose total cost is at most ``max_cost`` bits (and,
+    with ``max_work``, whose total `Options.work` is at most that too).
 
     Of several choices with the least damage, the cheapest is returned. Returns one option index
-    per layer. Raises BudgetError if even the cheapest choice costs more than ``max_cost``.
+    per layer. Raises BudgetError if even the cheapest choice costs more than ``max_cost``, or if
+    no choice meets both limits.
     """
     max_cost = options.check_budget(max_cost)
-    fronts, costs, damages = _fronts(options)
-    choice = _lexicographic(damages, costs, max_cost)
+    if max_work is None:
+        fronts, costs, damages = _fronts(options)
+        choice = _lexicographic(damages, costs, [(costs, max_cost)])
+        return [int(front[j]) for front, j in zip(fronts, choice, strict=True)]
+    if options.work is None:
+        raise ConfigError("a work limit needs options that say each option's work")
+    max_work = float(max_work)
+    least = math.fsum(float(w.min()) for w in options.work)
+    if not max_work >= least:
+        raise BudgetError(
+            f"work limit {max_work:.10g} is below the least work of any plan on the candidate "
+            f"grid ({least:.10g}); raise it or add candidates that do less work"
+        )
+    fronts = [
+        nondominated_by((c, w, d))
+        for c, w, d in zip(options.costs, options.work, options.damages, strict=True)
+    ]
+    costs, work, damages = (
+        [v[front] for v, front in zip(values, fronts, strict=True)]
+        for values in (options.costs, options.work, options.damages)
+    )
+    choice = _lexicographic(damages, costs, [(costs, max_cost), (work, max_work)])
+    if choice is None:
+        raise BudgetError(
+            f"no plan on the candidate grid stores at most {max_cost:.10g} bits and does at most "
+            f"{max_work:.10g} work; raise one of the two limits"
+        )
     return [int(front[j]) for front, j in zip(fronts, choice, strict=True)]
 
 
@@ -92,7 +119,7 @@ def minimize_cost(options: Options, max_damage: float) -> list[int]:
             f"candidate grid ({smallest:.10g}); raise the limit or add less damaging candidates"
         )
     fronts, costs, damages = _fronts(options)
-    choice = _lexicographic(costs, damages, max_damage)
+    choice = _lexicographic(costs, damages, [(damages, max_damage)])
     return [int(front[j]) for front, j in zip(fronts, choice, strict=True)]
 
 
@@ -120,48 +147,69 @@ def _unit(values: np.ndarray) -> float:
     return largest
 
 
-def _lexicographic(
-    objective: Sequence[np.ndarray], constrained: Sequence[np.ndarray], limit: float
-) -> list[int]:
-    """Least total objective with total constrained <= limit; of those, least total constrained.
+Limits = list[tuple[Sequence[np.ndarray], float]]
+"""Constraints: per-layer values whose total must be at most the limit."""
 
-    The inputs are per-layer Pareto fronts (see `_solve`), and the choice of every layer's
-    smallest constrained value must fit the limit.
+
+def _lexicographic(
+    objective: Sequence[np.ndarray], secondary: Sequence[np.ndarray], limits: Limits
+) -> list[int] | None:
+    """Least total objective within `limits`; of those, least total `secondary` (None when no
+    choice meets the limits, which the callers rule out for a single limit).
+
+    The inputs are per-layer Pareto fronts (see `_solve`).
     """
-    first = _solve(objective, constrained, limit)
+    first = _solve(objective, limits)
+    if first is _INFEASIBLE:
+        if len(limits) == 1:
+            raise RuntimeError(
+                "HiGHS found no choice within the limit although one exists; this is a bug in allot"
+            )
+        return None
     if first is None:
         raise RuntimeError(
             "HiGHS found no choice within the limit although one exists; this is a bug in allot"
         )
-    # Ties: the same problem the other way round, limited to the best objective just found. Its
-    # answer is at least as good in both totals, unless HiGHS fails, and then `first` stands.
-    second = _solve(constrained, objective, _total(objective, first))
-    if second is not None and _total(constrained, second) <= _total(constrained, first):
+    # Ties: the secondary total least, limited to the best objective just found (and to the other
+    # limits). Its answer is at least as good in both totals, unless HiGHS fails, and then `first`
+    # stands.
+    others = [(values, limit) for values, limit in limits if values is not secondary]
+    second = _solve(secondary, [(objective, _total(objective, first)), *others])
+    if isinstance(second, list) and _total(secondary, second) <= _total(secondary, first):
         return second
     return first
 
 
-def _solve(
-    objective: Sequence[np.ndarray], constrained: Sequence[np.ndarray], limit: float
-) -> list[int] | None:
-    """Least total objective with total constrained <= limit, or None if HiGHS fails.
+_INFEASIBLE = "infeasible"
 
-    Each layer's options form a Pareto front: along the arrays one strictly increases while the
-    other strictly decreases, so no two options of a layer tie. The choice of every layer's
-    smallest constrained value must fit the limit.
+
+def _solve(objective: Sequence[np.ndarray], limits: Limits) -> list[int] | str | None:
+    """Least total objective with every limit's total at most its limit; `_INFEASIBLE` when no
+    choice meets them, None if HiGHS fails.
+
+    Each layer's options are non-dominated (a Pareto front of objective and limits). With one
+    limit, the choice of every layer's smallest value must fit it.
     """
-    floor = [float(values.min()) for values in constrained]
-    # Drop options that break the limit even with every other layer at its smallest value. The
+    # Drop options that break a limit even with every other layer at its smallest value. The
     # test uses the exact totals, so no option of a feasible choice is dropped.
-    kept = []
-    for i, values in enumerate(constrained):
-        others = floor[:i] + floor[i + 1 :]
-        fits = [math.fsum([*others, float(v)]) <= limit for v in values]
-        kept.append(np.flatnonzero(fits))
+    keep = [np.ones(values.size, dtype=bool) for values in objective]
+    floors = []
+    for constrained, limit in limits:
+        floor = [float(values.min()) for values in constrained]
+        floors.append(floor)
+        for i, values in enumerate(constrained):
+            others = floor[:i] + floor[i + 1 :]
+            keep[i] &= np.array([math.fsum([*others, float(v)]) <= limit for v in values])
+    kept = [np.flatnonzero(k) for k in keep]
+    if any(ix.size == 0 for ix in kept):
+        return _INFEASIBLE
 
-    # Without the limit every layer takes its best option; if that choice fits, it is optimal.
+    def fits(choice: list[int]) -> bool:
+        return all(_total(values, choice) <= limit for values, limit in limits)
+
+    # Without the limits every layer takes its best option; if that choice fits, it is optimal.
     best = [int(ix[np.argmin(o[ix])]) for o, ix in zip(objective, kept, strict=True)]
-    if _total(constrained, best) <= limit:
+    if fits(best):
         return best
 
     counts = [ix.size for ix in kept]
@@ -169,16 +217,17 @@ def _solve(
     num_layers, num_vars = len(kept), int(start[-1])
     # Shifted per layer: a constant per layer changes no decision.
     c = np.concatenate([o[ix] - o[ix].min() for o, ix in zip(objective, kept, strict=True)])
-    a = np.concatenate([k[ix] - k[ix].min() for k, ix in zip(constrained, kept, strict=True)])
-    c_unit, a_unit = _unit(c), _unit(a)
-    rhs = (limit - math.fsum(floor)) / a_unit
-    c /= c_unit
-    a /= a_unit
-
+    c /= _unit(c) if c.any() else 1.0
     layer_of = np.repeat(np.arange(num_layers), counts)
     one_each = csr_array((np.ones(num_vars), (layer_of, np.arange(num_vars))))
-    rows = [LinearConstraint(one_each, 1, 1), LinearConstraint(a[np.newaxis, :], -np.inf, rhs)]
-    cut_off: list[np.ndarray] = []  # variables of choices HiGHS accepted that break the limit
+    rows = [LinearConstraint(one_each, 1, 1)]
+    for (constrained, limit), floor in zip(limits, floors, strict=True):
+        a = np.concatenate([k[ix] - k[ix].min() for k, ix in zip(constrained, kept, strict=True)])
+        unit = _unit(a) if a.any() else 1.0
+        rows.append(
+            LinearConstraint(a[np.newaxis, :] / unit, -np.inf, (limit - math.fsum(floor)) / unit)
+        )
+    cut_off: list[np.ndarray] = []  # variables of choices HiGHS accepted that break a limit
     for _ in range(_MAX_ROUNDS):
         if cut_off:
             cut_vars = np.concatenate(cut_off)
@@ -198,11 +247,13 @@ def _solve(
                 constraints=rows_now,
                 options=_HIGHS_OPTIONS,
             )
+        if result.status == 2:
+            return _INFEASIBLE
         if result.status != 0:
             return None
         local = [int(np.argmax(result.x[start[i] : start[i + 1]])) for i in range(num_layers)]
         choice = [int(ix[j]) for ix, j in zip(kept, local, strict=True)]
-        if _total(constrained, choice) <= limit:
+        if fits(choice):
             return choice
         cut_off.append(start[:-1] + np.array(local))
     return None

@@ -74,13 +74,16 @@ class Options:
     ConfigError unless there is at least one layer, every layer has at least one option, costs and
     damages have the same shape per layer, all values are finite and all costs are non-negative.
     ``families[i][j]``, when given, is option ``j``'s family (whole numbers >= 0, 0 meaning every
-    family); without it every option is in one family. Equality is identity: two tables with
+    family); without it every option is in one family. ``work[i][j]``, when given, is a second
+    cost of option ``j`` that an allocation may also limit (multiply-accumulates per sample,
+    say; `allocate.knapsack.minimize_damage`'s ``max_work``). Equality is identity: two tables with
     equal values are still two tables.
     """
 
     costs: tuple[np.ndarray, ...]
     damages: tuple[np.ndarray, ...]
     families: tuple[np.ndarray, ...] | None = None
+    work: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self) -> None:
         costs = _as_vectors("costs", self.costs)
@@ -103,6 +106,13 @@ class Options:
         object.__setattr__(self, "damages", damages)
         if self.families is not None:
             object.__setattr__(self, "families", _as_families(self.families, costs))
+        if self.work is not None:
+            work = _as_vectors("work", self.work)
+            if len(work) != len(costs) or any(
+                w.size != c.size or np.any(w < 0) for w, c in zip(work, costs, strict=True)
+            ):
+                raise ConfigError("work must hold one number >= 0 per option of every layer")
+            object.__setattr__(self, "work", work)
 
     @property
     def num_layers(self) -> int:
@@ -172,6 +182,20 @@ def nondominated(cost: np.ndarray, damage: np.ndarray) -> np.ndarray:
             kept.append(j)
             best = damage[j]
     return np.array(kept, dtype=np.intp)
+
+
+def nondominated_by(values: Sequence[np.ndarray]) -> np.ndarray:
+    """Indices (ascending) of one layer's options that no other option dominates in all of
+    `values` (each one number per option, all to be minimised): k dominates j if it is no worse
+    in every value and better in one. Of options equal in every value only the lowest index is
+    kept. `nondominated` is the two-value case, by increasing cost."""
+    table = np.stack([np.asarray(v, dtype=np.float64) for v in values])  # (values, options)
+    no_worse = np.all(table[:, np.newaxis, :] <= table[:, :, np.newaxis], axis=0)  # [j, k]
+    better = np.any(table[:, np.newaxis, :] < table[:, :, np.newaxis], axis=0)
+    equal = no_worse & ~better
+    earlier = np.arange(table.shape[1])[np.newaxis, :] < np.arange(table.shape[1])[:, np.newaxis]
+    beaten = (no_worse & better) | (equal & earlier)
+    return np.flatnonzero(~beaten.any(axis=1))
 
 
 def screened(cost: np.ndarray, cheap: np.ndarray, margin: float) -> np.ndarray:

@@ -63,3 +63,29 @@ def test_a_loss_tolerance_is_a_measured_budget() -> None:
     for bad in (-0.1, float("nan"), float("inf"), None):
         with pytest.raises(BudgetError, match="loss tolerance must be a finite number >= 0"):
             Budget("loss", bad)
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "macs", "message"),
+    [
+        ("ratio", 8, 0.5, ">= 1"),
+        ("ratio", 8, float("inf"), ">= 1"),
+        ("ratio", 8, True, ">= 1"),
+        ("ratio", 8, "2", ">= 1"),
+        ("damage", 0.1, 2.0, "beside a size budget"),
+        ("lossless", None, 2.0, "beside a size budget"),
+    ],
+)
+def test_invalid_macs_ratios_are_refused(kind, value, macs, message) -> None:
+    with pytest.raises(BudgetError, match=message):
+        Budget(kind, value, macs)
+
+
+def test_a_macs_ratio_round_trips_and_older_budgets_still_load() -> None:
+    budget = Budget("ratio", 8.0, 2.5)
+    assert Budget.from_json(budget.to_json()) == budget
+    assert budget.describe() == "ratio 8.0x, MACs / 2.5"
+    assert "macs_ratio" not in Budget("ratio", 8.0).to_json()
+    assert Budget.from_json({"kind": "ratio", "value": 8.0}) == Budget("ratio", 8.0)
+    with pytest.raises(BudgetError, match="'kind', 'value'"):
+        Budget.from_json({"kind": "ratio", "value": 8.0, "flops": 2})

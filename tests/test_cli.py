@@ -84,6 +84,33 @@ QUANT4 = ["compress", "test-cnn", "--method", "uniform-quant", "--bits", "4"]
         (["compress", "test-cnn", "--method", "uniform-quant", "--ratio", "1000"], "out of reach"),
         (["compress", "test-cnn", "--method", "uniform-quant"], "give a budget"),
         (["compress", "test-cnn", "--method", "uniform-quant", "--ratio", "0.5"], ">= 1"),
+        (
+            [
+                "compress",
+                "test-cnn",
+                "--method",
+                "uniform-quant",
+                "--lossless",
+                "--macs-ratio",
+                "2",
+            ],
+            "beside a size budget",
+        ),
+        (["compress", "test-cnn", "--method", "cet", "--macs-ratio", "2"], "--macs-ratio limits"),
+        (
+            [
+                "compress",
+                "test-cnn",
+                "--method",
+                "uniform-quant",
+                "--ratio",
+                "4",
+                "--macs-ratio",
+                "2",
+            ],
+            "cannot limit MACs",
+        ),
+        (["compress", "test-cnn", "--method", "cet", "--bits", "4", "--screen", "0.5"], ">= 1"),
         (["evaluate", "does-not-exist"], "unknown zoo model"),
         # hostile ranks, pinned from the command line
         ([*QUANT4, "--pin", "5=rank:0"], "LowRank.rank must be an int >= 1"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.metadata
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -265,11 +266,31 @@ def compress_scored(scored: Scored, budget: Budget, refinement: Refinement | Non
             **found.record,
         }
     else:
+        macs: dict[str, float] | None = None  # the MACs limit and the plan's MACs, when limited
         if budget.kind == "damage":
             choice = allocator.within_damage(options, float(budget.value))
+        elif budget.macs_ratio is not None:
+            if allocator.within_cost_and_work is None:
+                raise ConfigError(
+                    f"method {method.name}'s allocator {allocator.name!r} cannot limit MACs; "
+                    "leave out the MACs ratio or use a method that allocates by knapsack"
+                )
+            options, max_macs = _with_macs(scored, options, budget.macs_ratio)
+            limit = _size_limit(scored, budget, options)
+            try:
+                choice = allocator.within_cost_and_work(options, limit, max_macs)
+            except BudgetError as exc:
+                raise BudgetError(
+                    f"{budget.describe()} is out of reach for method {method.name}: {exc}"
+                ) from None
+            layer_work = options.work or ()
+            planned = math.fsum(float(w[j]) for w, j in zip(layer_work, choice, strict=True))
+            macs = {"limit": max_macs, "planned": planned}
         else:
             choice = allocator.within_cost(options, _size_limit(scored, budget, options))
         plan = make_plan(choice)
+        if macs is not None:
+            plan.metadata["macs"] = macs
         compressed = _refine(scored, _apply(scored, plan, choice), plan, refinement)
     plan.metadata["pareto"] = _pareto(options, n_weights)
     alternatives = table.alternatives(choice)
@@ -377,6 +398,28 @@ def _pareto(options: Options, n_weights: int) -> list[list[float]]:
         cost, damage = options.total(choice)
         points.append([cost / n_weights, damage])
     return points
+
+
+def _with_macs(scored: Scored, options: Options, macs_ratio: float) -> tuple[Options, float]:
+    """`options` with each candidate's multiply-accumulates on one calibration sample as their
+    work, and the most MACs `macs_ratio` leaves the compressible layers."""
+    dense = layer_macs(scored.work, scored.data.example_inputs(1))
+    table = scored.table
+    float_macs = {layer.name: dense.get(layer.name, (0, 0))[0] for layer in table.layers}
+    positions = {
+        layer.name: float_macs[layer.name] / (layer.spec.out_features * layer.spec.fan_in)
+        for layer in table.layers
+    }
+    total = sum(float_macs.values())
+    options = Options(options.costs, options.damages, options.families, table.macs(positions))
+    assert options.work is not None
+    least = math.fsum(float(w.min()) for w in options.work)
+    if least > total / macs_ratio:
+        raise BudgetError(
+            f"MACs ratio {macs_ratio} is out of reach for method {scored.method.name}: its plan "
+            f"with the fewest MACs executes 1/{total / least:.4g} of the float layers' MACs"
+        )
+    return options, total / macs_ratio
 
 
 def _size_limit(scored: Scored, budget: Budget, options: Options) -> float:

@@ -11,6 +11,10 @@ most D, the complement of a size budget. *lossless* asks for the smallest plan w
 calibration loss is not above the float model's; *loss* L for the smallest plan whose measured
 calibration loss is at most the float model's plus L (loss units: a lossless budget with a
 tolerance, for losses the float model cannot be beaten on, such as a distance to its own outputs).
+
+A size budget may also limit compute: `macs_ratio` M asks that the compressible layers execute at
+most 1/M of their float multiply-accumulates (on one calibration sample, as the plan's report counts
+them: a factorized layer counts both factors, a quantized or sparse one its dense product).
 """
 
 from __future__ import annotations
@@ -30,12 +34,26 @@ class Budget:
 
     kind: str
     value: float | None = None
+    macs_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise BudgetError(
                 f"unknown budget kind {self.kind!r:.40}; use one of {', '.join(KINDS)}"
             )
+        if self.macs_ratio is not None:
+            ratio = self.macs_ratio
+            if (
+                isinstance(ratio, bool)
+                or not isinstance(ratio, (int, float))
+                or not 1 <= ratio < math.inf
+            ):
+                raise BudgetError(f"a MACs ratio must be a finite number >= 1, got {ratio!r:.40}")
+            if not self.is_size:
+                raise BudgetError(
+                    f"a MACs ratio limits compute beside a size budget, not a {self.kind} budget; "
+                    "give it with --ratio, --avg-bits, --bytes or --bits"
+                )
         if self.kind == "lossless":
             if self.value is not None:
                 raise BudgetError("a lossless budget takes no value")
@@ -87,16 +105,24 @@ class Budget:
             "damage": "predicted damage <= {}",
             "loss": "calibration loss <= float + {}",
         }
-        return "lossless" if self.kind == "lossless" else labels[self.kind].format(self.value)
+        text = "lossless" if self.kind == "lossless" else labels[self.kind].format(self.value)
+        return text if self.macs_ratio is None else f"{text}, MACs / {self.macs_ratio}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "value": self.value}
+        extra = {} if self.macs_ratio is None else {"macs_ratio": self.macs_ratio}
+        return {"kind": self.kind, "value": self.value, **extra}
 
     @classmethod
     def from_json(cls, data: Any) -> Budget:
-        if not isinstance(data, dict) or set(data) != {"kind", "value"}:
-            raise BudgetError(f"budget must be an object with 'kind' and 'value', got {data!r:.80}")
-        return cls(data["kind"], data["value"])
+        if not isinstance(data, dict) or not {"kind", "value"} <= set(data) <= {
+            "kind",
+            "value",
+            "macs_ratio",
+        }:
+            raise BudgetError(
+                f"budget must be an object with 'kind', 'value' (and 'macs_ratio'), got {data!r:.80}"
+            )
+        return cls(data["kind"], data["value"], data.get("macs_ratio"))
 
 
 def weight_bits_limit(

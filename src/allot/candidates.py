@@ -24,7 +24,7 @@ from allot.allocate import Options, screened
 from allot.discover import Layer, get_weight
 from allot.errors import ErrorModel, get_error_model
 from allot.exceptions import AllotError, ConfigError, ModelError
-from allot.modules.base import dense_weight
+from allot.modules.base import CompressedLayer, dense_weight
 from allot.profile.engine import Profile
 from allot.progress import progress_bar
 from allot.schemes import Grid, Scheme
@@ -62,6 +62,21 @@ class CandidateTable:
             [np.array([c.damage for c in row], dtype=np.float64) for row in self.candidates],
             families if any(f.any() for f in families) else None,
         )
+
+    def macs(self, positions: dict[str, float]) -> list[np.ndarray]:
+        """Per layer, each candidate's multiply-accumulates as its module executes them (a
+        factorized layer both factors, others the dense product; a float layer `out * fan_in`
+        per position) over `positions[layer]` output positions."""
+        result = []
+        for layer, row in zip(self.layers, self.candidates, strict=True):
+            position = torch.empty(1, layer.spec.out_features, device="meta")
+            dense = layer.spec.out_features * layer.spec.fan_in
+            per = [
+                c.module.macs(position) if isinstance(c.module, CompressedLayer) else dense
+                for c in row
+            ]
+            result.append(np.array(per, dtype=np.float64) * positions[layer.name])
+        return result
 
     def restricted(self, grid: Grid) -> CandidateTable:
         """The candidates whose scheme `grid` offers their layer, as scored here: a sub-grid's

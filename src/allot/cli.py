@@ -141,16 +141,22 @@ def _cache(args: argparse.Namespace) -> Cache:
 
 
 def _budget(args: argparse.Namespace, default: Budget | None = None) -> Budget:
+    macs_ratio = getattr(args, "macs_ratio", None)
     if args.lossless:
-        return Budget("lossless")
+        return Budget("lossless", None, macs_ratio)
     if args.max_damage is not None:
-        return Budget("damage", args.max_damage)
+        return Budget("damage", args.max_damage, macs_ratio)
     if args.max_loss_increase is not None:
-        return Budget("loss", args.max_loss_increase)
+        return Budget("loss", args.max_loss_increase, macs_ratio)
     for kind in ("ratio", "avg_bits", "bytes", "bits"):
         value = getattr(args, kind)
         if value is not None:
-            return Budget(kind, value)
+            return Budget(kind, value, macs_ratio)
+    if macs_ratio is not None:
+        raise AllotError(
+            "--macs-ratio limits compute beside a size budget: give --ratio, --avg-bits, --bytes "
+            "or --bits too"
+        )
     if default is not None:
         return default
     method = get_method(args.method)
@@ -669,6 +675,13 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="L",
         help="smallest plan whose measured calibration loss is at most the float model's + L",
+    )
+    parser.add_argument(
+        "--macs-ratio",
+        type=float,
+        metavar="M",
+        help="with a size budget, also execute at most 1/M of the float model's multiply-"
+        "accumulates in the compressible layers (knapsack methods)",
     )
 
 

@@ -288,3 +288,34 @@ def test_a_malformed_screening_record_is_one_plan_error(scored, tmp_path) -> Non
     plan.metadata["screened"] = {"margin": 2.0, "layers": {"0": {"screened_out": "many"}}}
     with pytest.raises(PlanError, match="screened"):
         write_report(plan, {}, tmp_path)
+
+
+def test_a_macs_ratio_limits_the_plans_executed_macs_as_the_report_counts_them(scored) -> None:
+    """With a MACs ratio the knapsack also limits the candidates' multiply-accumulates: the plan's
+    MACs (as the per-layer report measures them on the compressed model) are what the allocator
+    planned and at most the limit, and a tight limit changes the plan."""
+    free = compress_scored(scored, Budget("ratio", 4.0), ONE_SHOT).plan
+    dense = sum(c["macs"][0] for c in free.metadata["layers"].values())
+    executed = sum(c["macs"][1] for c in free.metadata["layers"].values())
+    assert "macs" not in free.metadata
+    target = 1.05 * dense / executed if executed < dense else 1.2  # tighter than the free plan
+    limited = compress_scored(scored, Budget("ratio", 4.0, target), ONE_SHOT).plan
+    record = limited.metadata["macs"]
+    measured = sum(c["macs"][1] for c in limited.metadata["layers"].values())
+    assert record["planned"] == pytest.approx(measured, rel=1e-9)
+    assert measured <= record["limit"] * (1 + 1e-9) and record["limit"] == pytest.approx(
+        dense / target
+    )
+    assert measured < executed
+    assert [layer.scheme for layer in limited.layers] != [layer.scheme for layer in free.layers]
+    assert sum(layer.damage for layer in limited.layers) >= sum(
+        layer.damage for layer in free.layers
+    )
+    with pytest.raises(BudgetError, match=r"MACs ratio 1000000.0 is out of reach .* fewest MACs"):
+        compress_scored(scored, Budget("ratio", 4.0, 1e6), ONE_SHOT)
+
+
+def test_a_macs_ratio_needs_an_allocator_that_can_limit_it(calibration) -> None:
+    scored = score(tiny(), calibration, "uniform-quant", progress=False)
+    with pytest.raises(ConfigError, match="cannot limit MACs"):
+        compress_scored(scored, Budget("ratio", 4.0, 2.0), ONE_SHOT)

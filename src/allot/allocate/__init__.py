@@ -8,6 +8,9 @@ the same three operations, so callers never branch on which one a method uses:
 - `sequence(options)`: a curve of choices from the cheapest to the least damaging (the plans a
   lossless search walks through).
 
+An allocator that can also limit a second cost (`Options.work`, multiply-accumulates) offers
+`within_cost_and_work(options, max_cost, max_work)`; the knapsack does.
+
 Registered allocators: ``"knapsack"`` (exact multiple-choice knapsack both ways, with the convex
 Pareto sweep as its sequence), ``"greedy"`` (points of the convex Pareto sweep), ``"uniform"``
 (the same grid index in every layer), ``"minmax"`` (the least largest per-layer damage: one
@@ -40,6 +43,8 @@ class Allocator:
     within_damage: Callable[[Options, float], Choice]
     sequence: Callable[[Options], list[Choice]]
     description: str = ""
+    within_cost_and_work: Callable[[Options, float, float], Choice] | None = None
+    """Least damage within a cost and a work limit (`Options.work`), for allocators that can."""
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocator")
@@ -62,6 +67,7 @@ register_allocator(
         minimize_cost,
         pareto_sweep,
         "exact multiple-choice knapsack (HiGHS MILP)",
+        minimize_damage,
     )
 )
 register_allocator(

@@ -99,7 +99,7 @@ def minimize_damage(options: Options, max_cost: float, max_work: float | None = 
     if choice is None:
         raise BudgetError(
             f"no plan on the candidate grid stores at most {max_cost:.10g} bits and does at most "
-            f"{max_work:.10g} work; raise one of the two limits"
+            f"{max_work:.10g} work (MACs) at once; raise one of the two limits"
         )
     return [int(front[j]) for front, j in zip(fronts, choice, strict=True)]
 

@@ -53,7 +53,11 @@ class LowRankLayer(CompressedLayer):
         return self.u.numel() + self.v.numel()
 
     def macs(self, output: Tensor) -> int:
-        """Both factors: `rank * fan_in` then `out * rank` MACs per output position."""
+        """Both factors: `rank * fan_in` then `out * rank` MACs per output position; the dense
+        `out * fan_in` when the last inference call ran the dense product of the factors instead
+        (`allot.runtime` chooses that where it is faster)."""
+        if getattr(self.runner, "ran_dense", False):
+            return super().macs(output)
         positions = output.numel() // self.spec.out_features
         return positions * self.rank * (self.spec.fan_in + self.spec.out_features)
 
@@ -61,6 +65,12 @@ class LowRankLayer(CompressedLayer):
         return (self.u @ self.v).view(self.spec.weight_shape)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.runner is not None and not torch.is_grad_enabled():
+            return self.runner(self, x)
+        return self.factored(x)
+
+    def factored(self, x: Tensor) -> Tensor:
+        """The layer's outputs computed by its two factors."""
         h = self._first.forward(x, self.v.view(self._first.weight_shape), None)
         if self.spec.kind == "linear":
             return F.linear(h, self.u, self.bias)

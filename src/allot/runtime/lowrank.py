@@ -7,9 +7,10 @@ the dense layer whenever r (out + fan_in) < out fan_in, but not always less time
 convolution computes its output channels in blocks of the vector width (16 float32 on AVX-512),
 so a first factor of rank 17 takes as long as one of rank 32; the r intermediate channels are
 written and read again; and the pointwise product on few channels runs at a fraction of the
-convolution's speed (measured per layer of ResNet-20: bench/results/lowrank-latency.md). Where
-the two operations are slower, the dense product U V, computed once from the stored factors and
-kept (a cached weight: float memory for that layer), runs the float operation instead.
+convolution's speed (measured per layer of ResNet-20 in
+bench/results/mnist-resnet20-lowrank-latency.md). Where the two operations are slower, the dense
+product U V, computed once from the stored factors and kept (a cached weight: float memory for
+that layer), runs the float operation instead.
 
 `FasterForm` chooses per input shape, on the first inference call with that shape: both forms
 run on that very input in `ROUNDS` interleaved rounds after `WARMUP` calls each, and the dense

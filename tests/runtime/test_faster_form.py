@@ -58,6 +58,19 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_the_factors_compute_the_dense_products_operation_batched_or_not(spec) -> None:
+    layer = _layer(spec)
+    x = _input(spec, batch=3).double()
+    with torch.no_grad():
+        exact = spec.forward(
+            x, layer.reconstruct().double(), layer.bias.double() if spec.bias else None
+        )
+        for sample in (x.float(), x[0].float()):
+            expected = exact if sample.dim() == x.dim() else exact[0]
+            assert _relative(layer.factored(sample).double(), expected) <= TOLERANCE
+
+
 def test_faster_takes_the_lower_median_and_keeps_the_factors_on_a_tie() -> None:
     assert faster([3.0, 1.0, 2.0], [1.5, 9.0, 1.0]) == DENSE  # medians 2 and 1.5
     assert faster([1.0, 1.0, 9.0], [2.0, 0.1, 2.0]) == FACTORS  # medians 1 and 2

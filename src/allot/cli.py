@@ -811,7 +811,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-weights",
         action="store_true",
-        help="keep every other compressed layer's dense weight (float memory and speed)",
+        help="keep every other compressed layer's dense weight (float memory and speed), and run "
+        "each low-rank layer in the faster of its factors and their dense product (timed on "
+        "the first call)",
     )
     _add_source(p, calibration=False)
     p.set_defaults(func=cmd_evaluate)

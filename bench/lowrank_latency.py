@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from allot import Budget, LayerPlan, Plan, apply, runtime
 from allot.api import prepare
 from allot.data import forward
-from allot.evaluate import latencies, macs
+from allot.evaluate import macs
 from allot.files import atomic_write, write_json
 from allot.modules.lowrank import LowRankLayer
 from allot.runtime.lowrank import FasterForm
@@ -100,19 +100,25 @@ def layer_inputs(model: nn.Module, inputs, names: set[str]) -> dict[str, Tensor]
     return seen
 
 
-def interleaved(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Median seconds of each call, timed in interleaved rounds after warm-up."""
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
+def interleaved(calls: dict[str, Callable[[], object]]) -> dict[str, dict[str, float]]:
+    """Median seconds of each call, timed in interleaved rounds after warm-up: `cpu`, the calling
+    thread's CPU time (with one thread torch computes in it; time spent waiting for a core while
+    other jobs run is not counted), and `wall`, the wall-clock time."""
+    seconds: dict[str, dict[str, list[float]]] = {name: {"cpu": [], "wall": []} for name in calls}
     with torch.no_grad():
         for call in calls.values():
             for _ in range(WARMUP):
                 call()
         for _ in range(REPEATS):
             for name, call in calls.items():
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.thread_time()
                 call()
-                seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in seconds.items()}
+                seconds[name]["cpu"].append(time.thread_time() - cpu)
+                seconds[name]["wall"].append(time.perf_counter() - wall)
+    return {
+        name: {clock: statistics.median(s) for clock, s in record.items()}
+        for name, record in seconds.items()
+    }
 
 
 def per_layer(model_name: str, plans: list[dict], inputs) -> list[dict]:
@@ -149,16 +155,14 @@ def per_layer(model_name: str, plans: list[dict], inputs) -> list[dict]:
                 "flops_ratio": spec.out_features
                 * spec.fan_in
                 / (rank * (spec.out_features + spec.fan_in)),
-                "dense_ms": 1e3 * times["dense"],
-                "first_factor": times["first factor"] / times["dense"],
-                "factors": times["factors"] / times["dense"],
+                "seconds": times,
                 "runtime": chooser.label,
             }
         )
+        cpu = {form: t["cpu"] / times["dense"]["cpu"] for form, t in times.items()}
         print(
             f"{name:22s} rank {rank:3d}  FLOPs {rows[-1]['flops_ratio']:.2f}x  first factor "
-            f"{rows[-1]['first_factor']:.2f}  factors {rows[-1]['factors']:.2f}  runtime: "
-            f"{chooser.label}",
+            f"{cpu['first factor']:.2f}  factors {cpu['factors']:.2f}  runtime: {chooser.label}",
             flush=True,
         )
     return rows
@@ -183,8 +187,9 @@ def per_plan(model_name: str, plans: list[dict], inputs) -> list[dict]:
             "factors": factors,
             "runtime": chosen,
         }
-        times = latencies(list(variants.values()), inputs, repeats=REPEATS, warmup=WARMUP)
-        seconds = dict(zip(variants, times, strict=True))
+        seconds = interleaved(
+            {name: lambda model=model: forward(model, inputs) for name, model in variants.items()}
+        )
         row = {
             **plan,
             "seconds": seconds,
@@ -195,15 +200,19 @@ def per_plan(model_name: str, plans: list[dict], inputs) -> list[dict]:
             "max_relative_difference": float((out - expected).norm() / expected.norm()),
         }
         rows.append(row)
-        base = seconds["float"]
+        cpu = {name: t["cpu"] / seconds["float"]["cpu"] for name, t in seconds.items()}
         print(
             f"{plan['method']:18s} {plan['budget']:12s} FLOPs {row['flops_factors']:.2f}x -> "
-            f"{row['flops_runtime']:.2f}x  latency vs float: factors "
-            f"{seconds['factors'] / base:.2f}x, runtime {seconds['runtime'] / base:.2f}x "
-            f"({row['dense_layers']}/{row['factorized_layers']} dense)",
+            f"{row['flops_runtime']:.2f}x  CPU time vs float: factors {cpu['factors']:.2f}x, "
+            f"runtime {cpu['runtime']:.2f}x ({row['dense_layers']}/{row['factorized_layers']} "
+            "dense)",
             flush=True,
         )
     return rows
+
+
+def _ratio(seconds: dict[str, dict[str, float]], name: str, base: str, clock: str) -> str:
+    return f"{seconds[name][clock] / seconds[base][clock]:.2f}x"
 
 
 def markdown(results: dict) -> str:
@@ -214,34 +223,39 @@ def markdown(results: dict) -> str:
         f"Code: {results['code']}  ",
         f"torch {results['torch']}, {results['threads']} thread(s), CPU capability "
         f"{results['cpu_capability']}; load average (1 min) {results['load'][0]:.2f} before, "
-        f"{results['load'][1]:.2f} after, on a 2-core machine shared with other jobs: only "
-        "ratios within one interleaved run are meaningful. Plans: the ranks of "
-        f"`bench/results/{results['model']}-lowrank.json`, rebuilt by the plain SVD fit (same "
-        "shapes as the committed factors, so the same time; no accuracy here). Medians of "
-        f"{results['repeats']} interleaved rounds after {results['warmup']} warm-up calls.",
+        f"{results['load'][1]:.2f} after, on a 2-core machine shared with other jobs. Times are "
+        f"medians of {results['repeats']} interleaved rounds after {results['warmup']} warm-up "
+        "calls, as ratios within one run. `CPU`: the timing thread's CPU time (with one thread "
+        "torch computes in it), which leaves out the time spent waiting for a core while the "
+        "other jobs run: the estimate of an idle machine's latency here; `wall`: wall-clock "
+        "time, which on this loaded machine is mostly waiting. Plans: the ranks of "
+        f"`bench/results/{results['model']}-lowrank.json`, rebuilt by the plain SVD fit (the "
+        "committed factors' shapes, so their time; no accuracy here).",
         "",
         "## Whole model",
         "",
-        "Latency over `float` (the model as trained) in one interleaved run; `factors`: every "
-        "low-rank layer on its two factors (as loaded); `runtime`: "
-        "`allot.runtime.prepare(model, cache=True)`, each low-rank layer on the faster of its "
-        "factors and their dense product (timed by its first call). FLOPs: float MACs over the "
-        "MACs executed (by the factors, by what `runtime` ran). `then`: FLOPs and latency "
-        "ratios bench/lowrank.py measured against the folded float model. `diff`: relative "
-        "difference of `runtime`'s outputs from `factors`'.",
+        "Time over `float` (the model as trained); `folded`: float with BatchNorm folded (what "
+        "the compressed layers start from); `factors`: every low-rank layer on its two factors "
+        "(the artifact as loaded); `runtime`: `allot.runtime.prepare(model, cache=True)`, each "
+        "low-rank layer on the faster of its factors and their dense product (timed by its "
+        "first call; `dense`: how many chose the dense product). FLOPs: float MACs over the "
+        "MACs executed, by the factors and by what `runtime` ran. `then`: the FLOPs and wall "
+        "latency ratios bench/lowrank.py measured (factors against the folded model). `diff`: "
+        "relative difference of `runtime`'s outputs from `factors`'.",
         "",
-        "| method | budget | FLOPs factors | FLOPs runtime | float (ms) | folded | factors "
-        "| runtime | dense layers | then (FLOPs, latency) | diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | budget | FLOPs factors | FLOPs runtime | float CPU (ms) | folded CPU "
+        "| factors CPU | runtime CPU | factors wall | runtime wall | dense | then | diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["plans"]:
         s = r["seconds"]
-        base = s["float"]
         lines.append(
             f"| {r['method']} | {r['budget']} | {r['flops_factors']:.2f}x "
-            f"| {r['flops_runtime']:.2f}x | {1e3 * base:.2f} "
-            f"| {s['float, BatchNorm folded'] / base:.2f}x | {s['factors'] / base:.2f}x "
-            f"| {s['runtime'] / base:.2f}x | {r['dense_layers']} of {r['factorized_layers']} "
+            f"| {r['flops_runtime']:.2f}x | {1e3 * s['float']['cpu']:.2f} "
+            f"| {_ratio(s, 'float, BatchNorm folded', 'float', 'cpu')} "
+            f"| {_ratio(s, 'factors', 'float', 'cpu')} | {_ratio(s, 'runtime', 'float', 'cpu')} "
+            f"| {_ratio(s, 'factors', 'float', 'wall')} | {_ratio(s, 'runtime', 'float', 'wall')} "
+            f"| {r['dense_layers']} of {r['factorized_layers']} "
             f"| {r['then']['flops']:.2f}x, {r['then']['latency']:.2f}x "
             f"| {r['max_relative_difference']:.1e} |"
         )
@@ -249,20 +263,23 @@ def markdown(results: dict) -> str:
         "",
         "## Per layer",
         "",
-        "Each (layer, rank) of the plans on its own input: seconds of the first factor alone and "
-        "of both factors over the dense layer's (below 1 is faster), and the form "
-        "`allot.runtime` chose (its own timing on the first call).",
+        "Each (layer, rank) of the plans on its own input: time of the first factor alone and of "
+        "both factors over the dense layer's (below 1 is faster), and the form `allot.runtime` "
+        "chose (its own wall-clock timing on the first call).",
         "",
-        "| layer | input | out x fan_in | rank | FLOPs | dense (ms) | first factor | factors "
-        "| runtime |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layer | input | out x fan_in | rank | FLOPs | dense CPU (ms) | first factor CPU "
+        "| factors CPU | factors wall | runtime |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["layers"]:
+        s = r["seconds"]
         shape = "x".join(str(d) for d in r["input"])
         lines.append(
             f"| {r['layer']} | {shape} | {r['out']}x{r['fan_in']} | {r['rank']} "
-            f"| {r['flops_ratio']:.2f}x | {r['dense_ms']:.3f} | {r['first_factor']:.2f} "
-            f"| {r['factors']:.2f} | {r['runtime']} |"
+            f"| {r['flops_ratio']:.2f}x | {1e3 * s['dense']['cpu']:.3f} "
+            f"| {_ratio(s, 'first factor', 'dense', 'cpu')} "
+            f"| {_ratio(s, 'factors', 'dense', 'cpu')} | {_ratio(s, 'factors', 'dense', 'wall')} "
+            f"| {r['runtime']} |"
         )
     return "\n".join(lines) + "\n"
 

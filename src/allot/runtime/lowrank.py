@@ -14,13 +14,13 @@ that layer), runs the float operation instead.
 
 `FasterForm` chooses per input shape, on the first inference call with that shape: both forms
 run on that very input in `ROUNDS` interleaved rounds after `WARMUP` calls each, and the dense
-product is chosen only when its median time is below the factors' (`faster`; a tie keeps the
-factors). The dense weight is kept only while some input shape runs it. Nothing stored changes.
+product is chosen only when its fastest call beat the factors' fastest (`faster`; a tie keeps the
+factors). The minimum, not the median: other work on the machine only ever adds time to a call,
+so the fastest call is the closest to what the form costs. The dense weight is kept only while some input shape runs it. Nothing stored changes.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -38,17 +38,17 @@ ROUNDS = 7
 
 
 def faster(factors: Sequence[float], dense: Sequence[float]) -> str:
-    """The form to run, given seconds of interleaved calls of each: `DENSE` only when its median
-    is strictly below the factors' median, else `FACTORS` (the smaller form)."""
-    return DENSE if statistics.median(dense) < statistics.median(factors) else FACTORS
+    """The form to run, given seconds of interleaved calls of each: `DENSE` only when its fastest
+    call is strictly faster than the factors' fastest, else `FACTORS` (the smaller form)."""
+    return DENSE if min(dense) < min(factors) else FACTORS
 
 
 class FasterForm(Runner):
     """Runs a `LowRankLayer` as its factors or as the dense product of them, whichever the first
     call with each input shape measured faster. `clock` (seconds) is what the timing reads.
 
-    `forms` maps each input shape seen to the form chosen, `seconds` to the median seconds of the
-    factors and of the dense product measured for it; `ran_dense` says what the last call ran."""
+    `forms` maps each input shape seen to the form chosen, `seconds` to the fastest call's seconds
+    of the factors and of the dense product measured for it; `ran_dense` says what the last call ran."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__()
@@ -82,7 +82,8 @@ class FasterForm(Runner):
         return layer.spec.forward(x, self.weight, layer.bias)
 
     def _choose(self, layer: LowRankLayer, x: Tensor) -> str:
-        """Time both forms on `x` in interleaved rounds; record the medians, return the faster."""
+        """Time both forms on `x` in interleaved rounds; record the fastest calls, return the
+        faster form."""
         forms: dict[str, Callable[[], Tensor]] = {
             FACTORS: lambda: layer.factored(x),
             DENSE: lambda: self._dense(layer, x),
@@ -96,8 +97,5 @@ class FasterForm(Runner):
                 start = self.clock()
                 run()
                 seconds[form].append(self.clock() - start)
-        self.seconds[tuple(x.shape)] = (
-            statistics.median(seconds[FACTORS]),
-            statistics.median(seconds[DENSE]),
-        )
+        self.seconds[tuple(x.shape)] = (min(seconds[FACTORS]), min(seconds[DENSE]))
         return faster(seconds[FACTORS], seconds[DENSE])

@@ -11,7 +11,9 @@ the same shapes, which alone set the time; no accuracy is reported here.
   forward), in interleaved rounds (median), as ratios to the dense layer; and the form
   `allot.runtime` chose for it (its own timing, on the first call).
 - Per plan: `float` (the model as trained), `float, BatchNorm folded`, `factors` (the artifact as
-  loaded: every low-rank layer on its two factors) and `runtime` (`runtime.prepare(model,
+  loaded: every low-rank layer on its two factors), `factors, bias apart` (the factors as the
+  layer ran them before the bias moved into the pointwise product: a matrix product, then the
+  bias added in a pass of its own; `SeparateBias`) and `runtime` (`runtime.prepare(model,
   cache=True)`: every low-rank layer on the faster of its factors and their dense product, chosen
   by the first call), timed in one interleaved run; the FLOPs ratio (float MACs over executed MACs)
   of `factors` and of what `runtime` ran.
@@ -31,6 +33,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from common import RESULTS, code_version, command
 from torch import Tensor, nn
 
@@ -39,8 +42,10 @@ from allot.api import prepare
 from allot.data import forward
 from allot.evaluate import macs
 from allot.files import atomic_write, write_json
+from allot.modules.base import CompressedLayer
 from allot.modules.lowrank import LowRankLayer
 from allot.runtime.lowrank import FasterForm
+from allot.runtime.runner import Runner
 from allot.schemes import Keep, LowRank
 from allot.zoo import create_model, get_dataset, get_entry
 
@@ -168,6 +173,29 @@ def per_layer(model_name: str, plans: list[dict], inputs) -> list[dict]:
     return rows
 
 
+class SeparateBias(Runner):
+    """A low-rank layer on its factors with the bias added after the pointwise product, in a pass
+    of its own (how `LowRankLayer` ran convolutions until the bias moved into the product)."""
+
+    label = "factors, bias apart"
+
+    def prepare(self, layer: CompressedLayer) -> None:
+        assert isinstance(layer, LowRankLayer)
+
+    def run(self, layer: CompressedLayer, x: Tensor) -> Tensor:
+        assert isinstance(layer, LowRankLayer)
+        spec = layer.spec
+        first = spec.with_channels(out_features=layer.rank, bias=False)
+        h = first.forward(x, layer.v.view(first.weight_shape), None)
+        if spec.kind == "linear":
+            return F.linear(h, layer.u, layer.bias)
+        dims = len(spec.kernel_size)
+        out = torch.matmul(layer.u, h.flatten(-dims)).view(
+            *h.shape[: -dims - 1], -1, *h.shape[-dims:]
+        )
+        return out if layer.bias is None else out + layer.bias.view(-1, *(1,) * dims)
+
+
 def per_plan(model_name: str, plans: list[dict], inputs) -> list[dict]:
     """Each plan timed as float, folded float, factors and runtime in one interleaved run."""
     float_model = create_model(model_name).eval()
@@ -176,7 +204,10 @@ def per_plan(model_name: str, plans: list[dict], inputs) -> list[dict]:
     rows = []
     for plan in plans:
         factors = build(model_name, plan["ranks"])
-        chosen = build(model_name, plan["ranks"])
+        apart, chosen = build(model_name, plan["ranks"]), build(model_name, plan["ranks"])
+        for layer in apart.modules():
+            if isinstance(layer, LowRankLayer):
+                layer.runner = SeparateBias()
         runtime.prepare(chosen, cache=True)
         with torch.no_grad():
             expected, out = forward(factors, inputs), forward(chosen, inputs)  # runtime chooses
@@ -185,6 +216,7 @@ def per_plan(model_name: str, plans: list[dict], inputs) -> list[dict]:
             "float": float_model,
             "float, BatchNorm folded": folded,
             "factors": factors,
+            "factors, bias apart": apart,
             "runtime": chosen,
         }
         seconds = interleaved(
@@ -198,6 +230,9 @@ def per_plan(model_name: str, plans: list[dict], inputs) -> list[dict]:
             "dense_layers": sum(label == "dense product" for label in layout.values()),
             "factorized_layers": len(plan["ranks"]),
             "max_relative_difference": float((out - expected).norm() / expected.norm()),
+            "bias_apart_difference": float(
+                (forward(apart, inputs) - expected).norm() / expected.norm()
+            ),
         }
         rows.append(row)
         cpu = {name: t["cpu"] / seconds["float"]["cpu"] for name, t in seconds.items()}
@@ -236,7 +271,9 @@ def markdown(results: dict) -> str:
         "",
         "Time over `float` (the model as trained); `folded`: float with BatchNorm folded (what "
         "the compressed layers start from); `factors`: every low-rank layer on its two factors "
-        "(the artifact as loaded); `runtime`: `allot.runtime.prepare(model, cache=True)`, each "
+        "(the artifact as loaded); `bias apart`: the factors with the bias added in a pass of "
+        "its own after the pointwise product, as the layer ran before this bench's commit; "
+        "`runtime`: `allot.runtime.prepare(model, cache=True)`, each "
         "low-rank layer on the faster of its factors and their dense product (timed by its "
         "first call; `dense`: how many chose the dense product). FLOPs: float MACs over the "
         "MACs executed, by the factors and by what `runtime` ran. `then`: the FLOPs and wall "
@@ -244,8 +281,9 @@ def markdown(results: dict) -> str:
         "relative difference of `runtime`'s outputs from `factors`'.",
         "",
         "| method | budget | FLOPs factors | FLOPs runtime | float CPU (ms) | folded CPU "
-        "| factors CPU | runtime CPU | factors wall | runtime wall | dense | then | diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bias apart CPU | factors CPU | runtime CPU | factors wall | runtime wall | dense "
+        "| then | diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["plans"]:
         s = r["seconds"]
@@ -253,6 +291,7 @@ def markdown(results: dict) -> str:
             f"| {r['method']} | {r['budget']} | {r['flops_factors']:.2f}x "
             f"| {r['flops_runtime']:.2f}x | {1e3 * s['float']['cpu']:.2f} "
             f"| {_ratio(s, 'float, BatchNorm folded', 'float', 'cpu')} "
+            f"| {_ratio(s, 'factors, bias apart', 'float', 'cpu')} "
             f"| {_ratio(s, 'factors', 'float', 'cpu')} | {_ratio(s, 'runtime', 'float', 'cpu')} "
             f"| {_ratio(s, 'factors', 'float', 'wall')} | {_ratio(s, 'runtime', 'float', 'wall')} "
             f"| {r['dense_layers']} of {r['factorized_layers']} "

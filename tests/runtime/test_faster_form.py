@@ -12,6 +12,7 @@ from torch import nn
 
 from allot import Budget, LayerPlan, Plan, apply, runtime, save
 from allot.api import prepare
+from allot.cli import main
 from allot.data import forward
 from allot.discover import LayerSpec
 from allot.evaluate import layer_macs
@@ -206,3 +207,21 @@ def test_the_artifact_and_the_stored_factors_do_not_change(tmp_path, digits) -> 
     assert after == before
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_evaluate_reports_the_forms_low_rank_layers_chose(tmp_path, capsys) -> None:
+    out = tmp_path / "mlp"
+    args = ["--no-progress", "compress", "test-mlp", "--method", "uniform-rank", "--ratio", "2"]
+    assert main([*args, "--out", str(out), "--calibration", "64"]) == 0
+    capsys.readouterr()
+    assert main(["--no-progress", "evaluate", str(out)]) == 0
+    plain = capsys.readouterr().out
+    assert main(["--no-progress", "evaluate", str(out), "--cache-weights"]) == 0
+    fast = capsys.readouterr().out
+    runtime_line = next(x for x in fast.splitlines() if x.startswith("runtime:"))
+    assert UNDECIDED not in runtime_line and (DENSE in runtime_line or FACTORS in runtime_line)
+
+    def accuracy(text: str) -> float:
+        return float(next(x for x in text.splitlines() if x.startswith("accuracy:")).split()[1])
+
+    assert accuracy(fast) == pytest.approx(accuracy(plain), abs=0.01)

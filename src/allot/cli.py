@@ -371,15 +371,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if target.is_dir():
         model, plan = _load_artifact(args, target)
         reference = _artifact_reference(args, plan)
-        if args.kernels or args.cache_weights:
-            layout = runtime.prepare(model, kernels=args.kernels, cache=args.cache_weights)
-            counts = {label: list(layout.values()).count(label) for label in set(layout.values())}
-            console.print("runtime: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        fast = args.kernels or args.cache_weights
+        if fast:
+            runtime.prepare(model, kernels=args.kernels, cache=args.cache_weights)
         data = _data(args, _source(args, plan, target), reference, args.data or _zoo_dataset(plan))
         size = (target / WEIGHTS).stat().st_size
         result = _evaluation(
             model, data, size, plan.ratio, file_bytes(reference) / size, args.latency, reference
         )
+        if fast:  # after the calls, by which low-rank layers have chosen their forms
+            layout = list(runtime.describe(model).values())
+            counts = {label: layout.count(label) for label in set(layout)}
+            console.print("runtime: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
         _print_evaluation(f"{target} ({plan.method} on {plan.model})", result)
     else:
         if not is_file_reference(args.target) and target.exists():
@@ -847,7 +850,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-weights",
         action="store_true",
-        help="keep every other compressed layer's dense weight (float memory and speed)",
+        help="keep every other compressed layer's dense weight (float memory and speed), and run "
+        "each low-rank layer in the faster of its factors and their dense product (timed on "
+        "the first call)",
     )
     _add_source(p, calibration=False)
     p.set_defaults(func=cmd_evaluate)

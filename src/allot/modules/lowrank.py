@@ -53,7 +53,11 @@ class LowRankLayer(CompressedLayer):
         return self.u.numel() + self.v.numel()
 
     def macs(self, output: Tensor) -> int:
-        """Both factors: `rank * fan_in` then `out * rank` MACs per output position."""
+        """Both factors: `rank * fan_in` then `out * rank` MACs per output position; the dense
+        `out * fan_in` when the last inference call ran the dense product of the factors instead
+        (`allot.runtime` chooses that where it is faster)."""
+        if getattr(self.runner, "ran_dense", False):
+            return super().macs(output)
         positions = output.numel() // self.spec.out_features
         return positions * self.rank * (self.spec.fan_in + self.spec.out_features)
 
@@ -61,17 +65,27 @@ class LowRankLayer(CompressedLayer):
         return (self.u @ self.v).view(self.spec.weight_shape)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.runner is not None and not torch.is_grad_enabled():
+            return self.runner(self, x)
+        return self.factored(x)
+
+    def factored(self, x: Tensor) -> Tensor:
+        """The layer's outputs computed by its two factors."""
         h = self._first.forward(x, self.v.view(self._first.weight_shape), None)
         if self.spec.kind == "linear":
             return F.linear(h, self.u, self.bias)
-        # the pointwise second factor as one matrix product over all positions: PyTorch's 1x1
-        # convolution is several times slower on CPU for few channels
+        # the pointwise second factor as one matrix product per sample over all positions, the
+        # bias added by the same call: PyTorch's 1x1 convolution is several times slower on CPU
+        # for few channels, and a separate bias pass costs a read and write of the output
         dims = len(self.spec.kernel_size)  # positions: the last `dims` dimensions
-        out = torch.matmul(self.u, h.flatten(-dims))
-        out = out.view(*h.shape[: -dims - 1], -1, *h.shape[-dims:])
-        if self.bias is not None:
-            out = out + self.bias.view(-1, *(1 for _ in range(dims)))
-        return out
+        flat = h.flatten(-dims)  # (rank, positions) or (batch, rank, positions)
+        u = self.u if flat.dim() == 2 else self.u.expand(flat.shape[0], -1, -1)
+        if self.bias is None:
+            out = torch.matmul(u, flat)
+        else:
+            add = torch.addmm if flat.dim() == 2 else torch.baddbmm
+            out = add(self.bias.view(-1, 1), u, flat)
+        return out.view(*h.shape[: -dims - 1], -1, *h.shape[-dims:])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"

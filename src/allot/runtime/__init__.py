@@ -9,11 +9,15 @@ switches, both off unless asked for, change that for inference (calls without gr
   channel); they keep only packed codes and tables, and compute with bfloat16 activations, so
   their outputs differ from the dequantized layer's by about 0.2% relative;
 - `cache=True`: every other layer that rebuilds its weight keeps its dense float32 weight
-  (`CachedWeight`): the float operation exactly, at the memory of a float layer.
+  (`CachedWeight`): the float operation exactly, at the memory of a float layer; and every
+  low-rank layer runs whichever of its two factors and the dense product of them (computed once,
+  kept only where it runs) the first call with each input shape measures faster
+  (`allot.runtime.lowrank.FasterForm`): where two small operations lose to one, the layer runs
+  at the speed of its float layer rather than slower.
 
-Layers that run their own smaller operations (a low-rank layer's two factors) are left as they
-are. `release` returns a model to rebuilding on every call. Nothing here changes the stored
-tensors, the state dict or a saved artifact.
+Without `cache`, low-rank layers run their two factors. `release` returns a model to its default
+(rebuilding weights on every call, low-rank layers on their factors). Nothing here changes the
+stored tensors, the state dict or a saved artifact.
 
     from allot import runtime
     runtime.prepare(model, kernels=True, cache=True)   # {layer: what runs}
@@ -24,7 +28,9 @@ from __future__ import annotations
 from torch import nn
 
 from allot.modules.base import CompressedLayer
+from allot.modules.lowrank import LowRankLayer
 from allot.runtime.kernels import kernel_for
+from allot.runtime.lowrank import FasterForm
 from allot.runtime.runner import CachedWeight, Runner
 
 DEQUANTIZE = "dequantize"
@@ -51,12 +57,15 @@ def prepare(model: nn.Module, *, kernels: bool = False, cache: bool = False) -> 
             runner = kernel_for(layer)
         if runner is None and cache and layer.rebuilds_weight:
             runner = CachedWeight()
+        elif runner is None and cache and isinstance(layer, LowRankLayer):
+            runner = FasterForm()
         layer.runner = runner
     return describe(model)
 
 
 def cache_weights(model: nn.Module) -> dict[str, str]:
-    """Keep every compressed layer's dense weight (no kernels): float speed, exact outputs."""
+    """Keep every compressed layer's dense weight (no kernels), and run every low-rank layer in
+    its faster form: float speed or better, the float operation's outputs."""
     return prepare(model, cache=True)
 
 
@@ -67,8 +76,9 @@ def release(model: nn.Module) -> None:
 
 
 def describe(model: nn.Module) -> dict[str, str]:
-    """What computes each compressed layer in inference: a runner's label, `dequantize`, or `own
-    operations` (a layer with its own forward, such as low-rank factors)."""
+    """What computes each compressed layer in inference: a runner's label (for a low-rank layer
+    under `cache`, the form its calls chose so far), `dequantize`, or `own operations` (a layer
+    with its own forward, such as low-rank factors)."""
     return {
         name: layer.runner.label
         if layer.runner is not None

@@ -36,7 +36,9 @@ SETTINGS = Settings(probes_min=4, probes_max=4, lanczos_iterations=3, seed=5)
 
 def _data(batches: int) -> Data:
     """128 digits split into `batches` batches of unequal sizes."""
-    (inputs, targets), *_ = get_dataset("digits", calibration_size=128, seed=0).to_data().calibration
+    (inputs, targets), *_ = (
+        get_dataset("digits", calibration_size=128, seed=0).to_data().calibration
+    )
     sizes = [128 - 20 * (batches - 1), *[20] * (batches - 1)]
     pairs = list(zip(inputs.split(sizes), targets.split(sizes), strict=True))
     return Data(pairs, supervised(F.cross_entropy))

@@ -10,7 +10,10 @@ rounding: the sums are added in another order).
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from dataclasses import astuple
 from pathlib import Path
 
@@ -22,8 +25,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from allot import Budget, api, distributed
+from allot import Budget, api, distributed, load
+from allot.cli import main
 from allot.data import Data, supervised
+from allot.io import PLAN
 from allot.profile.cache import Cache
 from allot.profile.engine import Profile, Settings
 from allot.profile.measure import mean_loss
@@ -158,3 +163,30 @@ def test_without_a_process_group_the_seam_is_the_identity() -> None:
     assert distributed.sum_over_ranks([tensor], [3, 0.5]) == [3.0, 0.5]
     assert torch.equal(tensor, torch.ones(2))
     assert distributed.agree(True) and not distributed.agree(False)
+
+
+@pytest.mark.slow
+def test_torchrun_compress_writes_one_artifact_with_the_one_process_plan(tmp_path) -> None:
+    """`torchrun --nproc_per_node 2 -m allot compress ...` (about 20 s): rank 0 alone prints and
+    writes, and its plan is the one `allot compress` chooses in one process."""
+    command = [
+        *("compress", "test-cnn", "--method", "cet-steer", "--ratio", "8"),
+        *("--calibration", "512", "--no-cache"),
+    ]
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    done = subprocess.run(
+        [*runner, "2", "-m", "allot", "--no-progress", *command, "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("accuracy: ") == 2  # float and compressed, once: rank 0 only
+    assert main(["--no-progress", *command, "--out", str(tmp_path / "one")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no staging left
+    plans = [json.loads((tmp_path / name / PLAN).read_text()) for name in ("one", "two")]
+    assert [layer["label"] for layer in plans[0]["layers"]] == [
+        layer["label"] for layer in plans[1]["layers"]
+    ]
+    load(tmp_path / "two")

@@ -663,6 +663,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         None,
     )
     args.bits, args.calibration, args.seed, args.no_cache = 4, 512, 0, False
+    args.device = torch.device("cpu")
     args.max_damage, args.max_loss_increase = None, None
     cmd_compress(args)
 

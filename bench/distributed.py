@@ -79,13 +79,13 @@ def launch(args: argparse.Namespace, processes: int, result: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    load = os.getloadavg()
+    load, code = os.getloadavg(), code_version()  # the code that runs, before anything changes
     with tempfile.TemporaryDirectory() as directory:
         one = launch(args, 1, Path(directory) / "one.json")
         many = launch(args, args.processes, Path(directory) / "many.json")
     timed = [r["scoring_s"] + r["planning_s"] for r in (one, many)]
     return {
-        "code": code_version(),
+        "code": code,
         "model": args.model,
         "method": args.method,
         "ratio_budget": args.ratio,

@@ -35,6 +35,10 @@ def start(device: torch.device) -> torch.device:
     computes on: `cuda:LOCAL_RANK` for a CUDA device without an index, else `device`."""
     if "WORLD_SIZE" not in os.environ:
         return device
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"--device {device}: under torchrun allot runs on cpu (gloo) or cuda (nccl)"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_available():

@@ -28,7 +28,7 @@ def apply(
     maps layer names to modules already fitted by the plan's scheme to this model's (folded)
     weights, as scoring leaves them (`CandidateTable.fitted`); a copy of each is used instead of
     fitting again. `PlanError` if the plan does not fit the model. Returns the same model object,
-    in eval mode.
+    in eval mode; each compressed module is on its float weight's device.
     """
     fold_batchnorm(model.eval(), plan.folded)
     plan.check_fits(discover(model))
@@ -39,7 +39,8 @@ def apply(
             continue
         weight, bias = get_weight(model, layer.name)
         view = profile.layer(layer.name) if profile is not None else None
-        model.set_submodule(layer.name, layer.scheme.compress(weight, bias, layer.spec, view))
+        module = layer.scheme.compress(weight, bias, layer.spec, view)
+        model.set_submodule(layer.name, module.to(weight.device))
     return model
 
 

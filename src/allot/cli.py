@@ -1,5 +1,10 @@
 """The `allot` command: compress, refine, evaluate, analyze, report, zoo, demo.
 
+`compress`, `analyze`, `refine` and `evaluate` run on `--device` (the model and every batch are
+moved there). Under `torchrun` they profile data-parallel (`allot.distributed`): every process
+computes the same plan, only rank 0 prints and writes; the others stage into a temporary directory
+that is removed.
+
 Every `AllotError`, every bad argument and every failure of the file system (a full disk, a
 permission) becomes one line on stderr and exit code 2 (`--debug` shows the traceback). An
 interrupt (Ctrl-C, SIGINT) prints one line and exits with 130, the shell's code for a command
@@ -15,10 +20,12 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,9 +34,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from allot import api, hf, runtime
+from allot import api, distributed, hf, runtime
 from allot.budget import Budget
-from allot.data import Data, check_data, forward
+from allot.data import Data, check_data, forward, on_device
 from allot.errors import ERROR_MODELS
 from allot.evaluate import file_bytes, latencies, macs, metrics, parameter_count
 from allot.exceptions import AllotError, ArtifactError, ConfigError, DataError, ExportError
@@ -65,6 +72,13 @@ console = Console()
 
 
 def _data(args: argparse.Namespace, model_ref: str, model: nn.Module, data: str | None) -> Data:
+    """The data a command runs on, its batches moved to --device as they are read."""
+    return on_device(_read_data(args, model_ref, model, data), args.device)
+
+
+def _read_data(
+    args: argparse.Namespace, model_ref: str, model: nn.Module, data: str | None
+) -> Data:
     """The data a command runs on: the zoo model's own data set, a zoo data set named by --data,
     or the user's data factory or tensor file (with --loss and --held-out)."""
     calibration, seed = getattr(args, "calibration", 512), getattr(args, "seed", 0)
@@ -196,6 +210,20 @@ def _screen_margin(text: str) -> float:
     return value
 
 
+@contextlib.contextmanager
+def _staged(
+    target: Path, owned: Callable[[str], bool], inputs: Iterable[Path], error: type[AllotError]
+) -> Iterator[Path]:
+    """`staged_directory(target, ...)` on rank 0 (or without torchrun); on the other ranks, which
+    compute the same outputs but must not write them, a temporary directory that is removed."""
+    if distributed.is_main():
+        with staged_directory(target, owned, inputs, error) as staging:
+            yield staging
+    else:
+        with tempfile.TemporaryDirectory(prefix="allot-rank-") as scratch:
+            yield Path(scratch)
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     ref = args.model_file or args.model
     if ref is None:
@@ -217,8 +245,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if args.screen is not None:
         method = dataclasses.replace(method, screen=args.screen)
     refinement = _refinement(args, method, out)
-    with staged_directory(out, is_artifact_file, _inputs(args, ref), ArtifactError) as staging:
-        model = float_model(ref, args.weights)
+    with _staged(out, is_artifact_file, _inputs(args, ref), ArtifactError) as staging:
+        model = float_model(ref, args.weights).to(args.device)
         data = _data(args, ref, model, args.data)
         # the user's model, loss and held-out evaluation run here, before the long work
         check_data(model, data)
@@ -272,8 +300,9 @@ def _write_artifact(
             compressed, data, artifact_bytes, plan.ratio, float_bytes / artifact_bytes
         ),
     }
-    write_json(staging / EVALUATION, evaluation)
-    write_report(plan, evaluation, staging)
+    if distributed.is_main():
+        write_json(staging / EVALUATION, evaluation)
+        write_report(plan, evaluation, staging)
     return evaluation, artifact_bytes
 
 
@@ -350,7 +379,7 @@ def cmd_refine(args: argparse.Namespace) -> None:
     refinement = _refinement(args, None, out, name)
     assert refinement is not None
     inputs = [target, *_inputs(args, args.model_file)]
-    with staged_directory(out, is_artifact_file, inputs, ArtifactError) as staging:
+    with _staged(out, is_artifact_file, inputs, ArtifactError) as staging:
         compressed, plan = _load_artifact(args, target)
         reference = _artifact_reference(args, plan)
         data = _data(args, _source(args, plan, target), reference, args.data or _zoo_dataset(plan))
@@ -368,6 +397,8 @@ def cmd_refine(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     target = Path(args.target)
+    if (args.latency or args.kernels or args.cache_weights) and args.device.type != "cpu":
+        raise ConfigError("--latency, --kernels and --cache-weights run on the CPU; drop --device")
     if target.is_dir():
         model, plan = _load_artifact(args, target)
         reference = _artifact_reference(args, plan)
@@ -389,7 +420,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise ArtifactError(f"{target} is not an artifact directory")
         if args.kernels or args.cache_weights:
             raise AllotError("--kernels and --cache-weights apply to an artifact directory")
-        model = float_model(args.target, args.weights)
+        model = float_model(args.target, args.weights).to(args.device)
         data = _data(args, args.target, model, args.data)
         result = _evaluation(model, data, file_bytes(model), 1.0, 1.0, args.latency, model)
         _print_evaluation(f"{args.target} (float)", result)
@@ -397,7 +428,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _load_artifact(args: argparse.Namespace, target: Path) -> tuple[nn.Module, Plan]:
     """An artifact rebuilt on the architecture of the user's --model, of its own hf/ folder (a
-    Hugging Face model), or of the zoo model it names; never on code the artifact names."""
+    Hugging Face model), or of the zoo model it names (never on code the artifact names), on
+    --device."""
+    model, plan = _read_artifact(args, target)
+    return model.to(getattr(args, "device", "cpu")), plan
+
+
+def _read_artifact(args: argparse.Namespace, target: Path) -> tuple[nn.Module, Plan]:
     plan = read_plan(target)
     if args.model_file is not None:
         if hf.is_hf_reference(args.model_file):
@@ -418,6 +455,11 @@ def _source(args: argparse.Namespace, plan: Plan, target: Path) -> str:
 
 
 def _artifact_reference(args: argparse.Namespace, plan: Plan) -> nn.Module:
+    """The float model an artifact is compared with, on --device."""
+    return _reference(args, plan).to(args.device)
+
+
+def _reference(args: argparse.Namespace, plan: Plan) -> nn.Module:
     """The float model an artifact is compared with: the zoo model it names, or the user's own
     --model (FILE.py:FACTORY with --weights, or hf:PATH); an artifact's recorded paths are never
     opened."""
@@ -457,9 +499,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     get_error_model(args.error_model)
     # --out is checked (and its staging directory made) before the long work
     output = (
-        staged_directory(
-            Path(args.out), ANALYSIS_FILES.__contains__, _inputs(args, args.model), ConfigError
-        )
+        _staged(Path(args.out), ANALYSIS_FILES.__contains__, _inputs(args, args.model), ConfigError)
         if args.out
         else contextlib.nullcontext()
     )
@@ -476,7 +516,7 @@ def _analysis(args: argparse.Namespace, method: Method) -> Sensitivity:
     from allot.profile.engine import Settings
     from allot.sensitivity import analyze
 
-    model = float_model(args.model, args.weights)
+    model = float_model(args.model, args.weights).to(args.device)
     data = _data(args, args.model, model, args.data)
     work, _pairs, discovery, _notes = api.prepare(model)
     profile = api.profile(
@@ -647,6 +687,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         None,
     )
     args.bits, args.calibration, args.seed, args.no_cache = 4, 512, 0, False
+    args.device = torch.device("cpu")
     args.max_damage, args.max_loss_increase = None, None
     cmd_compress(args)
 
@@ -727,6 +768,38 @@ def _add_source(parser: argparse.ArgumentParser, calibration: bool = True) -> No
         parser.add_argument(
             "--no-cache", action="store_true", help="recompute profile statistics (no disk cache)"
         )
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model and batches run: cpu (default), cuda, cuda:1, mps; under torchrun "
+        "cuda means cuda:LOCAL_RANK",
+    )
+
+
+def _device(text: str) -> torch.device:
+    """--device as a torch device; `ConfigError` naming the flag when it is not one or is not
+    available here."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"--device {text!r:.40} is not a device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {text}: this torch has no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {text}: there are {count} CUDA devices (cuda:0..)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {text}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {text}: allot runs on cpu, cuda or mps")
+    return device
 
 
 class _UsageError(Exception):
@@ -810,6 +883,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _add_budget(p)
     _add_source(p)
+    _add_device(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser(
@@ -830,6 +904,7 @@ def parser() -> argparse.ArgumentParser:
         help="the architecture of an artifact made from your own model (with --weights)",
     )
     _add_source(p)
+    _add_device(p)
     p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("evaluate", help="evaluate an artifact directory or a float zoo model")
@@ -855,6 +930,7 @@ def parser() -> argparse.ArgumentParser:
         "the first call)",
     )
     _add_source(p, calibration=False)
+    _add_device(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("analyze", help="per-layer curvature and predicted damage of candidates")
@@ -869,6 +945,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lanczos", type=_at_least(1), default=4, help="Lanczos iterations per layer")
     p.add_argument("--out", help="directory for analysis.md, analysis.json and plots")
     _add_source(p)
+    _add_device(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser(
@@ -915,9 +992,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.showwarning = _warning_line
         try:
+            if hasattr(args, "device"):
+                args.device = distributed.start(_device(args.device))
+                stack.callback(distributed.stop)
+                if not distributed.is_main():  # the other ranks compute, rank 0 speaks
+                    silent = stack.enter_context(open(os.devnull, "w"))
+                    stack.enter_context(contextlib.redirect_stdout(silent))
+                    warnings.simplefilter("ignore")
             args.func(args)
         except (AllotError, OSError, KeyboardInterrupt) as exc:
             if args.debug:

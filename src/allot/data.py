@@ -15,12 +15,14 @@
 - `train` (optional): re-iterable training batches, for refinement that trains.
 
 Batches are streamed: every pass iterates `calibration` again, and nothing here keeps the whole
-set. The calibration loss is the sample-weighted mean sum_b n_b L_b / N, with n_b = `batch_size` of
+set. `on_device` moves every batch to the model's device as it is read (`--device`); held-out
+evaluations move their batches to the device of the model they evaluate (`model_device`). The calibration loss is the sample-weighted mean sum_b n_b L_b / N, with n_b = `batch_size` of
 the batch's inputs (the leading dimension of their first tensor).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sized
@@ -102,6 +104,48 @@ def batch_size(inputs: Inputs) -> int:
             "cannot count the samples of a batch: its inputs hold no tensor with a batch dimension"
         )
     return int(first.shape[0])
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in its nested tuples, lists and dicts moved to `device`."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter or buffer (the CPU for a model without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class OnDevice:
+    """A re-iterable collection of batches, each moved to `device` as it is read."""
+
+    batches: Iterable[Any]
+    device: torch.device
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            yield to_device(batch, self.device)
+
+    @staticmethod
+    def of(batches: Iterable[Any], device: torch.device) -> OnDevice:
+        """`batches` on `device`, sized when they are."""
+        return (SizedOnDevice if isinstance(batches, Sized) else OnDevice)(batches, device)
+
+
+class SizedOnDevice(OnDevice):
+    """`OnDevice` of batches that know their number."""
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
 
 
 def take(inputs: Inputs, n: int) -> Inputs:
@@ -228,6 +272,15 @@ class Data:
         return take(self.inputs(next(self.batches())), n)
 
 
+def on_device(data: Data, device: torch.device) -> Data:
+    """`data` with its calibration and training batches moved to `device` as they are read (the
+    same data on the CPU, where batches already are)."""
+    if device.type == "cpu":
+        return data
+    train = None if data.train is None else OnDevice.of(data.train, device)
+    return dataclasses.replace(data, calibration=OnDevice.of(data.calibration, device), train=train)
+
+
 def as_data(data: Any) -> Data:
     """`data` as a `Data`: a `Data` as is, or what an object's `to_data()` returns (the zoo's data
     sets provide it); `DataError` otherwise."""
@@ -303,9 +356,11 @@ def loader_evaluation(
         total, correct, count = 0.0, 0, 0
         was_training = model.training
         model.eval()
+        device = model_device(model)
         try:
             with torch.no_grad():
                 for batch in held_out.batches():
+                    batch = to_device(batch, device)
                     outputs = held_out.outputs(model, batch)
                     n = held_out.size(batch)
                     total += n * float(loss(outputs, batch))

@@ -90,6 +90,6 @@ def fold_structure(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     for conv_name, bn_name in pairs:
         conv = model.get_submodule(conv_name)
         if conv.bias is None:
-            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+            conv.bias = nn.Parameter(conv.weight.new_zeros(conv.out_channels))
         model.set_submodule(bn_name, nn.Identity())
     return model

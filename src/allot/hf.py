@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from allot.data import Data, Distill
+from allot.data import Data, Distill, model_device, to_device
 from allot.exceptions import DataError, ModelError
 
 PREFIX = "hf:"
@@ -179,8 +179,10 @@ def text_data(
 
     def evaluate(candidate: nn.Module) -> dict[str, float]:
         cosine, distance, count = 0.0, 0.0, 0
+        device = model_device(candidate)
         with torch.no_grad():
             for batch in evaluation:
+                batch = to_device(batch, device)
                 outputs, target = candidate(**batch), loss.reference(**batch)
                 n = len(outputs)
                 cosine += float(F.cosine_similarity(outputs, target, dim=-1).sum())

@@ -1,4 +1,5 @@
-"""Progress bars (rich) for every loop that can take more than a second."""
+"""Progress bars (rich) for every loop that can take more than a second; under `torchrun` only
+rank 0 shows them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from allot import distributed
 
 T = TypeVar("T")
 
@@ -19,7 +22,7 @@ def progress_counter(
     """A transient rich progress bar on stderr (when `enabled`); yields `advance(note=None)`, one
     call per step, for work that is not shaped as a loop over known items; a `note` is shown
     after the label from then on (a metric, say)."""
-    if not enabled:
+    if not enabled or not distributed.is_main():
         yield lambda note=None: None
         return
     columns = (

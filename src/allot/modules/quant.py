@@ -115,7 +115,9 @@ class QuantGrid:
         if self.zero is not None:
             return self.zero.to(torch.int64)
         if self.kind == SYMMETRIC and self.bits >= 2:
-            return torch.full(self.scale.shape, 2 ** (self.bits - 1), dtype=torch.int64)
+            return torch.full(
+                self.scale.shape, 2 ** (self.bits - 1), dtype=torch.int64, device=self.scale.device
+            )
         return None
 
     def levels(self) -> tuple[Tensor, Tensor]:

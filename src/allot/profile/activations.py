@@ -7,7 +7,8 @@ since nothing computed at a padded position reaches the loss. For a convolution,
 patch (in_channels x kernel volume, the same order as the folded weight), one per output position,
 so |dW x|^2 summed over patches is exactly the squared output error of the layer. Each batch's
 product is formed in the model's dtype (float32: about 1e-6 relative error, and faster than
-float64 on CPU) and accumulated over batches in float64; additive over batches (and processes).
+float64 on CPU) and accumulated over batches in float64; additive over batches, so under `torchrun`
+each process sums its share of the batches and the sums are all-reduced (`allot.distributed`).
 `damped_cholesky` factors the mean second moment, damped until it is positive definite.
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from allot import distributed
 from allot.data import Data, forward, token_mask
 from allot.discover import Layer, LayerSpec
 from allot.exceptions import ConfigError, DataError
@@ -71,7 +73,7 @@ def input_statistics(
     model: nn.Module, layers: list[Layer], data: Data, progress: bool = True
 ) -> dict[str, LayerStats]:
     """One pass over the calibration batches: each layer's summed input second moment (float64)
-    and patch count."""
+    and patch count (None and 0 for a layer no batch reaches)."""
     stats = {layer.name: LayerStats() for layer in layers}
     mask: list[Tensor | None] = [None]  # the current batch's real tokens
     handles = []
@@ -92,14 +94,36 @@ def input_statistics(
         handles.append(model.get_submodule(layer.name).register_forward_pre_hook(hook))
     try:
         model.eval()
-        for batch in progress_bar(data.batches(), "input statistics", progress, data.batch_count()):
+        batches = distributed.shard(data.batches())
+        total = distributed.shard_size(data.batch_count())
+        for batch in progress_bar(batches, "input statistics", progress, total):
             inputs = data.inputs(batch)
             mask[0] = token_mask(inputs)
             forward(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+    return _summed_over_ranks(model, layers, stats) if distributed.active() else stats
+
+
+def _summed_over_ranks(
+    model: nn.Module, layers: list[Layer], stats: dict[str, LayerStats]
+) -> dict[str, LayerStats]:
+    """Every process's statistics summed over processes; a process whose batches did not reach a
+    layer (or that had no batch) adds zeros."""
+    covs = []
+    for layer in layers:
+        cov = stats[layer.name].input_cov
+        if cov is None:
+            device = model.get_submodule(layer.name).weight.device
+            n = layer.spec.fan_in
+            cov = torch.zeros(n, n, dtype=torch.float64, device=device)
+        covs.append(cov)
+    samples = distributed.sum_over_ranks(covs, [stats[layer.name].samples for layer in layers])
+    return {
+        layer.name: LayerStats(cov if n else None, int(n))
+        for layer, cov, n in zip(layers, covs, samples, strict=True)
+    }
 
 
 def damped_cholesky(

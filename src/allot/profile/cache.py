@@ -15,7 +15,8 @@ directory can write a matching one; such an entry can only make statistics wrong
 are plain tensors (safetensors, never unpickled). The cache is bounded: after each write, the least recently used entries are deleted
 until it holds at most `$ALLOT_CACHE_MAX_MB` megabytes (default 2048). A cache directory that cannot
 be written (not a directory, no permission, a full disk) disables the cache with one warning: it
-only ever saves time, so it never stops a run.
+only ever saves time, so it never stops a run. Under `torchrun` every process reads the cache and
+only rank 0 writes it (`allot.distributed`).
 
 The directory is `$ALLOT_CACHE`, else `~/.cache/allot`.
 """
@@ -38,6 +39,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
+from allot import distributed
 from allot.data import Data
 from allot.exceptions import ConfigError
 from allot.files import atomic_write
@@ -229,8 +231,8 @@ class Cache:
     def put(self, key: str, tensors: dict[str, Tensor]) -> None:
         """Store `tensors` under `key` (atomically; nothing when disabled), then evict the least
         recently used entries beyond the size bound. A write that fails disables the cache with
-        a warning."""
-        if self.directory is None:
+        a warning. Only rank 0 writes under `torchrun`."""
+        if self.directory is None or not distributed.is_main():
             return
         data = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         if not _finite(data):  # never a valid entry: the next run computes it again

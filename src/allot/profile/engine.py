@@ -32,6 +32,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from allot import distributed
 from allot.data import Data
 from allot.discover import Layer
 from allot.exceptions import ConfigError
@@ -235,7 +236,7 @@ class Profile:
         }
         if missing:
             entry = self._entry_key("measured", sorted(missing))
-            stored = self.cache.get(entry)
+            stored = self._cached(entry, dict)
             if stored is None:
                 reference = mean_loss(self.model, self.data)
                 stored = {}
@@ -255,7 +256,7 @@ class Profile:
         wanted = {key: torch.Size([2]) for ds in missing.values() for key in ds}
         stored = self._cached(entry, lambda stored: _shaped(stored, wanted, ""))
         if stored is None:
-            count = self.data.batch_count()
+            count = distributed.shard_size(self.data.batch_count())
             steps = None if count is None else count * sum(len(ds) for ds in missing.values())
             with progress_counter("exact second-order damage", self.progress, steps) as step:
                 self.curvature.on_step = step
@@ -309,19 +310,20 @@ class Profile:
     def _cached(self, key: str, unpack: Callable[[dict[str, Tensor]], T]) -> T | None:
         """A cache entry unpacked, or None when absent; an entry that does not hold the names
         and shapes this profile stores there (altered, or from another allot) is ignored with a
-        warning, and recomputed."""
+        warning, and recomputed. Under `torchrun` an entry counts only when every process found
+        it, so that all of them compute (and all-reduce) the same things."""
         stored = self.cache.get(key)
-        if stored is None:
-            return None
-        try:
-            return unpack(stored)
-        except (KeyError, ValueError, TypeError, IndexError) as exc:
-            warnings.warn(
-                f"a profile cache entry ({key[:16]}) does not hold what allot stores there "
-                f"({exc}); recomputing it",
-                stacklevel=3,
-            )
-            return None
+        unpacked = None
+        if stored is not None:
+            try:
+                unpacked = unpack(stored)
+            except (KeyError, ValueError, TypeError, IndexError) as exc:
+                warnings.warn(
+                    f"a profile cache entry ({key[:16]}) does not hold what allot stores there "
+                    f"({exc}); recomputing it",
+                    stacklevel=3,
+                )
+        return unpacked if distributed.agree(unpacked is not None) else None
 
     def _entry_key(self, kind: str, *settings: object) -> str:
         if self._key is None:

@@ -7,8 +7,8 @@ parameter are held fixed. Hessian-vector products use Pearlmutter's trick, H v =
 per batch one forward, one backward that records its own graph, and one second backward per vector.
 
 Every quantity is accumulated as a sum over batches of n_b times the per-batch quantity and divided
-by N only at the end, so data-parallel profiling needs nothing more than an all-reduce of the sums
-(and of N) before that division.
+by N only at the end; under `torchrun` each process sums its share of the batches and the sums and
+N are all-reduced before that division (`allot.distributed`), so every process gets the same result.
 
 The model runs in eval mode, in its own dtype and on its own device (batches must already be there).
 Its training flags and `requires_grad` flags are restored after every call, and no `.grad` is left
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from allot import distributed
 from allot.data import Data
 from allot.exceptions import ConfigError, DataError
 from allot.profile.convolution import split_convolutions
@@ -99,6 +100,7 @@ class Curvature:
                     samples += n
                     for total, grad in zip(sums, grads, strict=True):
                         total.add_(grad, alpha=n)
+            (samples,) = distributed.sum_over_ranks(sums, [samples])
             self.passes.gradient_sweeps += 1
             self._gradient = {
                 name: s / _checked(samples) for name, s in zip(self.layers, sums, strict=True)
@@ -184,6 +186,7 @@ class Curvature:
                     for entry, hv in zip(total.values(), hvs, strict=True):
                         entry.add_(hv, alpha=n_b)
                     self.on_step()
+        (samples,) = distributed.sum_over_ranks([t for s in sums for t in s.values()], [samples])
         self.passes.gradient_sweeps += 1
         self.passes.second_backward_sweeps += len(vectors)
         return [{n: s / _checked(samples) for n, s in total.items()} for total in sums]
@@ -201,8 +204,9 @@ class Curvature:
     def _batch_gradients(
         self, params: list[Tensor], create_graph: bool
     ) -> Iterator[tuple[int, tuple[Tensor, ...]]]:
-        """Per batch: its sample count n_b and the gradient of its mean loss w.r.t. `params`."""
-        for batch in self.data.batches():
+        """Per batch of this process's share: its sample count n_b and the gradient of its mean
+        loss w.r.t. `params`."""
+        for batch in distributed.shard(self.data.batches()):
             # the graph of a gradient is built for a second backward, which split convolutions
             # run without PyTorch's unneeded weight-gradient convolutions
             with split_convolutions(self.model) if create_graph else nullcontext():
@@ -233,7 +237,7 @@ class Curvature:
                 module.training = training
 
 
-def _checked(samples: int) -> int:
+def _checked(samples: float) -> float:
     if samples == 0:
         raise DataError("the calibration batches hold no samples")
     return samples

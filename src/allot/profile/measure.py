@@ -2,7 +2,8 @@
 
 The calibration loss is the sample-weighted mean of the per-batch mean losses,
 L = sum_b n_b L_b / N over the data contract's calibration batches (`allot.data`), the same loss
-that `allot.profile.hvp` differentiates. Losses are in the loss function's units (nats for
+that `allot.profile.hvp` differentiates; under `torchrun` each process sums its share of the batches
+and the sums are all-reduced (`allot.distributed`). Losses are in the loss function's units (nats for
 cross-entropy). The model runs in eval mode, without gradients, in its own dtype and on its own
 device (batches must already be there); its training flags are restored after every call.
 """
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from allot import distributed
 from allot.data import Data
 from allot.exceptions import ConfigError, DataError
 
@@ -47,13 +49,14 @@ def mean_loss(model: nn.Module, data: Data) -> float:
     try:
         model.eval()
         with torch.no_grad():
-            for batch in data.batches():
+            for batch in distributed.shard(data.batches()):
                 n = data.size(batch)
                 total += n * float(data.loss(data.outputs(model, batch), batch))
                 samples += n
     finally:
         for module, training in modes:
             module.training = training
+    total, samples = distributed.sum_over_ranks([], [total, samples])
     if samples == 0:
         raise DataError("the batches hold no samples; measuring a loss needs at least one")
     return total / samples

@@ -124,6 +124,6 @@ def feedback_target(weight_2d: Tensor, quantized: LayerStats, cross: Tensor) -> 
     assert quantized.input_cov is not None
     second = quantized.input_cov
     lam = DAMPING * float(second.diagonal().mean())
-    eye = torch.eye(second.shape[0], dtype=second.dtype)
+    eye = torch.eye(second.shape[0], dtype=second.dtype, device=second.device)
     right = weight_2d @ cross + lam * weight_2d
     return torch.linalg.solve(second + lam * eye, right.T).T

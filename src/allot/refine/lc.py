@@ -167,7 +167,7 @@ class _Run:
         self.schemes: dict[str, Scheme] = {n: layer.scheme for n, layer in self.layers.items()}
         self.theta = {name: copy.deepcopy(model.get_submodule(name)) for name in self.layers}
         self.multipliers = {
-            name: torch.zeros(layer.spec.weight_shape)
+            name: torch.zeros(layer.spec.weight_shape, device=self.weight(name).device)
             for name, layer in self.layers.items()
             if layer.scheme.constrains
         }

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from allot import distributed
 from allot.exceptions import ArtifactError, ConfigError
 from allot.files import atomic_write, read_json, write_json
 from allot.schemes import Scheme, scheme_from_json
@@ -76,7 +77,10 @@ def restore_random_state(tensors: dict[str, Tensor], values: dict[str, Any]) -> 
 
 def save_state(directory: Path, state: LCState, identity: dict[str, Any]) -> None:
     """Write `state` to `directory` (see the module docstring); `identity` (settings and starting
-    plan, JSON) is what a resume must match."""
+    plan, JSON) is what a resume must match. Under `torchrun` only rank 0 writes (every rank
+    holds the same state)."""
+    if not distributed.is_main():
+        return
     directory.mkdir(parents=True, exist_ok=True)
     rng_tensors, rng_values = random_state()
     tensors = {f"free/{k}": v for k, v in state.free.items()}

@@ -202,7 +202,7 @@ def compress_all(
     profile: LayerProfile | None = None,
 ) -> list[nn.Module]:
     """`compress` of every scheme on one layer, in order, each class's schemes fitted together
-    by its `compress_many`."""
+    by its `compress_many`; every module on the weight's device."""
     classes: dict[type[Scheme], list[int]] = {}
     for index, scheme in enumerate(schemes):
         classes.setdefault(type(scheme), []).append(index)
@@ -210,7 +210,7 @@ def compress_all(
     for cls, indices in classes.items():
         fitted = cls.compress_many([schemes[i] for i in indices], weight, bias, spec, profile)
         modules.update(zip(indices, fitted, strict=True))
-    return [modules[index] for index in range(len(schemes))]
+    return [modules[index].to(weight.device) for index in range(len(schemes))]
 
 
 def scheme_from_json(data: Any, where: str = "scheme", depth: int = 0) -> Scheme:

@@ -167,7 +167,7 @@ class Sum(Scheme):
         assert stats.input_cov is not None
         second = stats.input_cov
         metric = second + DAMPING * float(second.diagonal().mean()) * torch.eye(
-            second.shape[0], dtype=second.dtype
+            second.shape[0], dtype=second.dtype, device=second.device
         )
 
         def fit(part: Scheme, residual: Tensor, _old: nn.Module | None) -> nn.Module:

@@ -46,7 +46,7 @@ def l1_ball(values: Tensor, radius: float) -> Tensor:
         return v
     u = v.abs().sort(descending=True).values
     sums = u.cumsum(0)
-    counts = torch.arange(1, u.numel() + 1, dtype=torch.float64)
+    counts = torch.arange(1, u.numel() + 1, dtype=torch.float64, device=u.device)
     active = int((u - (sums - radius) / counts > 0).nonzero().max()) + 1
     theta = (float(sums[active - 1]) - radius) / active
     return torch.sign(v) * (v.abs() - theta).clamp(min=0)

@@ -120,7 +120,9 @@ def _steer_stacked(
     tables = [_per_weight(fitted, w.shape[1]) for _, fitted, _ in nearest]
     low = torch.stack([table[0] for table in tables])
     step = torch.stack([table[1] for table in tables])
-    levels = torch.tensor([_levels(bits) for bits, _, _ in settings], dtype=torch.float64)
+    levels = torch.tensor(
+        [_levels(bits) for bits, _, _ in settings], dtype=torch.float64, device=w.device
+    )
     codes = _sequential(w, low, step, levels, upper)
     codes = _refine(codes, w, low, step, levels, objective)
     results = []
@@ -172,7 +174,7 @@ def _refit(
     for _ in range(REFITS):
         new_grid = refit_grid(codes, w, grid, objective.second)
         low, step = _per_weight(new_grid, w.shape[1])
-        levels = torch.tensor([_levels(grid.bits)], dtype=torch.float64)
+        levels = torch.tensor([_levels(grid.bits)], dtype=torch.float64, device=w.device)
         new_codes = _refine(codes.double()[None], w, low[None], step[None], levels, objective)
         new_codes = new_codes[0].to(torch.int64)
         new_value = objective(_dequantize(new_codes, new_grid) - w)
@@ -230,8 +232,8 @@ def grid_least_squares(
     # Normal equations per row over theta = (offsets, scales): blocks 1'M1, 1'Mc, c'Mc and
     # right-hand sides 1'Mw, c'Mw, group by group, without forming the (out, fan_in, 2 groups)
     # design.
-    ones_codes = torch.empty(out, groups, groups, dtype=w.dtype)
-    codes_codes = torch.empty(out, groups, groups, dtype=w.dtype)
+    ones_codes = torch.empty(out, groups, groups, dtype=w.dtype, device=w.device)
+    codes_codes = torch.empty(out, groups, groups, dtype=w.dtype, device=w.device)
     for h in range(groups):
         product = (grouped[:, h] @ second[h * size : (h + 1) * size]).reshape(out, groups, size)
         ones_codes[:, :, h] = product.sum(-1)

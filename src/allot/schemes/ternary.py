@@ -33,7 +33,7 @@ def ternary_scale(weight_2d: Tensor) -> Tensor:
     float64 (out,): the mean of the j* largest magnitudes, j* maximising (their sum) / sqrt(j)."""
     magnitudes = weight_2d.detach().to(torch.float64).abs().sort(dim=1, descending=True).values
     sums = magnitudes.cumsum(dim=1)
-    counts = torch.arange(1, magnitudes.shape[1] + 1, dtype=torch.float64)
+    counts = torch.arange(1, magnitudes.shape[1] + 1, dtype=torch.float64, device=magnitudes.device)
     best = (sums**2 / counts).argmax(dim=1, keepdim=True)  # the first maximum
     return (sums.gather(1, best) / (best + 1)).squeeze(1)
 

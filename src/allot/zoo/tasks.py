@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from allot.data import forward
+from allot.data import forward, model_device, to_device
 from allot.exceptions import DataError
 from allot.zoo.data import Dataset
 
@@ -23,7 +23,8 @@ class ClassificationTask:
 
     def evaluate(self, model: nn.Module, dataset: Dataset, split: str = "test") -> dict[str, float]:
         """`accuracy` (fraction correct, 0..1) and mean cross-entropy `loss` (nats) of `model` on a
-        split, in eval mode without gradients, in batches of `dataset.batch_size`.
+        split, in eval mode without gradients, in batches of `dataset.batch_size` moved to the
+        model's device.
 
         The model's train/eval mode is restored afterwards.
         """
@@ -34,9 +35,11 @@ class ClassificationTask:
         model.eval()
         correct = 0
         total_loss = 0.0
+        device = model_device(model)
         try:
             with torch.no_grad():
-                for inputs, targets in data.batches(dataset.batch_size):
+                for batch in data.batches(dataset.batch_size):
+                    inputs, targets = to_device(batch, device)
                     logits = forward(model, inputs)
                     total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
                     correct += int((logits.argmax(dim=-1) == targets).sum())

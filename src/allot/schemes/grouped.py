@@ -260,13 +260,16 @@ class GroupedWhitening:
         tr((A_i - T_i) M_ii (A_i - T_i)') + const with T_i = W_i - (sum_{l != i} D_l M_li) M_ii^-1,
         minimised over rank-`rank` A_i by the whitened truncation of T_i under M_ii. The first
         sweep starts from the exact weight (every D_l = 0), so each group compensates the error of
-        those before it; every later sweep can only lower the error. Stops after `sweeps` sweeps
-        or once a sweep lowers the error by less than `tolerance` of it."""
+        those before it; where the plain fit (each group's SVD, as stored) has the lower error,
+        the descent continues from it instead, so the result is never worse than the plain fit.
+        Every later sweep can only lower the error. Stops after `sweeps` sweeps or once a sweep
+        lowers the error by less than `tolerance` of it. With one group the first sweep is the
+        exact optimum (`LowRank`'s whitened fit) and is the only one."""
         k, width = len(self.blocks), self.width
         factors: list[tuple[Tensor, Tensor]] = []
         residual = torch.zeros_like(self.weight)
         errors: list[float] = []
-        for _ in range(sweeps if k > 1 else 1):
+        for sweep in range(sweeps if k > 1 else 1):
             for i, block in enumerate(self.blocks):
                 cols = slice(i * width, (i + 1) * width)
                 others = residual.clone()
@@ -276,7 +279,14 @@ class GroupedWhitening:
                 u, v = Whitened.under(target, block.cholesky, self.damping).factors(rank)
                 factors[i : i + 1] = [(u, v)]  # appends in the first sweep
                 residual[:, cols] = u @ v - self.weight[:, cols]
-            errors.append(float(((residual @ self.moment) * residual).sum()))
+            errors.append(self.output_error(residual + self.weight))
+            if sweep == 0 and k > 1:
+                fits = (svd_factors(block, rank) for block in self.weight.chunk(k, dim=1))
+                plain = [(u.double(), v.double()) for u, v in fits]
+                product = torch.cat([u @ v for u, v in plain], dim=1)
+                plain_error = self.output_error(product)
+                if plain_error < errors[0]:
+                    factors, residual, errors[0] = plain, product - self.weight, plain_error
             if len(errors) > 1 and errors[-2] - errors[-1] <= tolerance * errors[-2]:
                 break
         return torch.cat([u for u, _ in factors], dim=1), torch.cat([v for _, v in factors]), errors

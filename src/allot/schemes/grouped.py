@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 FITS = ("plain", "whitened")
 REMEMBERED = 2
 """Grouped whitenings kept in memory, by weight, statistics and group count: scoring fits every
-rank of one group count in turn, and they all start from the same per-group SVDs."""
+rank of one group count in turn, and they all share the damped moment and its block factors."""
 _whitenings: OrderedDict[str, GroupedWhitening] = OrderedDict()
 SWEEPS = 10
 """Most sweeps of the whitened fit's block-coordinate descent (measured on ResNet-20: the tenth
@@ -204,19 +204,19 @@ class Grouped(Scheme):
 @dataclasses.dataclass(frozen=True)
 class GroupedWhitening:
     """One folded weight split into input-channel groups under one layer's damped input second
-    moment M + lam I (float64): the weight, the moment, and each group's whitened SVD under its
-    diagonal block M_ii + lam I."""
+    moment M + lam I (float64): the weight, the moment, and the lower Cholesky factor of each
+    group's diagonal block M_ii + lam I."""
 
     weight: Tensor
     moment: Tensor
-    blocks: tuple[Whitened, ...]
+    choleskys: tuple[Tensor, ...]
     damping: float
 
     @classmethod
     def of(cls, weight_2d: Tensor, stats: LayerStats, groups: int) -> GroupedWhitening:
         """Damp M by lam = `DAMPING` mean diag M (raised until M + lam I factors, as for
-        `LowRank`'s whitened fit), factor each diagonal block and take each group's SVD (the last
-        `REMEMBERED` results are reused for the same weight, statistics and group count)."""
+        `LowRank`'s whitened fit) and factor each diagonal block (the last `REMEMBERED` results are
+        reused for the same weight, statistics and group count)."""
         key = Fingerprint().tensor(weight_2d).value([stats.samples, groups])
         if stats.input_cov is not None:
             key.tensor(stats.input_cov)
@@ -230,19 +230,18 @@ class GroupedWhitening:
         moment = second + lam * torch.eye(second.shape[0], dtype=second.dtype)
         weight = weight_2d.detach().to(torch.float64)
         width = weight.shape[1] // groups
-        blocks = []
-        for i in range(groups):
-            cols = slice(i * width, (i + 1) * width)
-            cholesky = torch.linalg.cholesky(moment[cols, cols])
-            blocks.append(Whitened.under(weight[:, cols], cholesky, lam))
-        _whitenings[digest] = cls(weight, moment, tuple(blocks), lam)
+        choleskys = tuple(
+            torch.linalg.cholesky(moment[i * width : (i + 1) * width, i * width : (i + 1) * width])
+            for i in range(groups)
+        )
+        _whitenings[digest] = cls(weight, moment, choleskys, lam)
         while len(_whitenings) > REMEMBERED:
             _whitenings.popitem(last=False)
         return _whitenings[digest]
 
     @property
     def width(self) -> int:
-        return self.weight.shape[1] // len(self.blocks)
+        return self.weight.shape[1] // len(self.choleskys)
 
     def output_error(self, product: Tensor) -> float:
         """tr(D (M + lam I) D') for D = `product` - W: the mean squared output error over the
@@ -265,18 +264,18 @@ class GroupedWhitening:
         Every later sweep can only lower the error. Stops after `sweeps` sweeps or once a sweep
         lowers the error by less than `tolerance` of it. With one group the first sweep is the
         exact optimum (`LowRank`'s whitened fit) and is the only one."""
-        k, width = len(self.blocks), self.width
+        k, width = len(self.choleskys), self.width
         factors: list[tuple[Tensor, Tensor]] = []
         residual = torch.zeros_like(self.weight)
         errors: list[float] = []
         for sweep in range(sweeps if k > 1 else 1):
-            for i, block in enumerate(self.blocks):
+            for i, cholesky in enumerate(self.choleskys):
                 cols = slice(i * width, (i + 1) * width)
                 others = residual.clone()
                 others[:, cols] = 0
-                shift = torch.cholesky_solve((others @ self.moment[:, cols]).T, block.cholesky).T
+                shift = torch.cholesky_solve((others @ self.moment[:, cols]).T, cholesky).T
                 target = self.weight[:, cols] - shift
-                u, v = Whitened.under(target, block.cholesky, self.damping).factors(rank)
+                u, v = Whitened.under(target, cholesky, self.damping).factors(rank)
                 factors[i : i + 1] = [(u, v)]  # appends in the first sweep
                 residual[:, cols] = u @ v - self.weight[:, cols]
             errors.append(self.output_error(residual + self.weight))

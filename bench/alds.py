@@ -314,7 +314,20 @@ def run(
 
 
 def _measured(results: dict) -> list[dict]:
-    return [r for r in results["rows"][1:] if "out" not in r]
+    """The rows with a measurement, each method's by size (refined after one-shot, the long
+    refine last), whatever order the runs made them in."""
+    rows = [r for r in results["rows"][1:] if "out" not in r]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    refines = [_refine_label(0), _refine_label(REFINE_EPOCHS)]
+    return sorted(
+        rows,
+        key=lambda r: (
+            methods.index(r["method"]),
+            r["refine"] not in refines,
+            r["removed"],
+            r["refine"] != refines[0],
+        ),
+    )
 
 
 def _largest_within(rows: list[dict], head: str, reference: float, drop: float) -> float | None:

@@ -18,15 +18,20 @@ retraining (the paper's regime) recovers.
 - `alds-minmax`: the same candidates and error, the exact min-max over all (k, j);
 - `alds-knapsack`: the same candidates, exact knapsack on 1/2 d'H_ii d (one HVP a candidate);
   `alds-knapsack-gradient`: the same on g.d + 1/2 d'H_ii d, run to choose between the two;
+  `alds-knapsack-whitened`: `alds-knapsack` with every candidate fitted to the calibration inputs;
 - `svd-energy`: SVD-Energy, plain SVD at every rank, one threshold on the relative Frobenius error
   (`weight-relative` + `minmax`); `alds-k1`: ALDS without groups (k = 1, same error and min-max);
   `uniform-rank`: the same rank fraction in every layer.
 Rows record held-out accuracy, the achieved ratio, the MACs ratio and the CPU latency ratio to the
 float model (one forward pass on 32 test inputs, median of interleaved rounds in the same run).
 Finished rows are journaled, so an interrupted run resumes. Writes bench/results/<model>-alds.*
+`--sizes` runs some of the sizes only; `--add` keeps the rows of the committed results (of the
+same model, calibration, seed and refine) and adds this run's, listing every command that made
+them.
 
     nice python bench/alds.py --model mnist-resnet20
     nice python bench/alds.py --model mnist1d-cnn
+    nice python bench/alds.py --model mnist-resnet20 --methods alds-knapsack-whitened --add
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ METHODS = (
     "alds-minmax",
     "alds-knapsack",
     "alds-knapsack-gradient",
+    "alds-knapsack-whitened",
     "svd-energy",
     "alds-k1",
     "uniform-rank",
@@ -127,7 +133,9 @@ def method_named(name: str) -> Method:
 class Bench:
     """One run's shared state; finished rows are journaled (as in bench/quant_pareto.py)."""
 
-    def __init__(self, model_name: str, calibration: int, seed: int, journal: Path) -> None:
+    def __init__(
+        self, model_name: str, calibration: int, seed: int, journal: Path, kept: list[dict]
+    ) -> None:
         self.model = create_model(model_name)
         self.work, folded, discovery, _ = prepare(self.model)
         self.batch_size = get_entry(model_name).recipe.batch_size
@@ -156,7 +164,8 @@ class Bench:
         self.float_macs = macs(self.work, self.dataset.example_inputs(1))
         self.float_row = {"method": "float", "removed": 0.0, "refine": "-", "ratio": 1.0}
         self.float_row.update(metrics(self.model, self.data))
-        self.rows: list[dict] = [self.float_row]
+        self.rows: list[dict] = [self.float_row, *kept]
+        self.kept = {_row_key(row) for row in kept}
 
     def _finished_rows(self) -> dict[tuple, dict]:
         if not self.journal.exists():
@@ -176,6 +185,8 @@ class Bench:
         write_json(self.journal, {"key": self.key, "rows": self.rows})
 
     def resume(self, method: str, removed: float, refine: str) -> bool:
+        if (method, removed, refine) in self.kept:
+            return True
         row = self.done.get((method, removed, refine))
         if row is not None:
             self.rows.append(row)
@@ -243,9 +254,23 @@ def _row_key(row: dict) -> tuple:
     return (row["method"], row["removed"], row["refine"])
 
 
-def run(model_name: str, methods: list[str], calibration: int, seed: int, journal: Path) -> dict:
-    bench = Bench(model_name, calibration, seed, journal)
-    plans = [(p, 0) for p in ONE_SHOT_ONLY] + [(p, e) for p in REFINED for e in (0, REFINE_EPOCHS)]
+def run(
+    model_name: str,
+    methods: list[str],
+    sizes: list[float],
+    calibration: int,
+    seed: int,
+    journal: Path,
+    earlier: dict | None,
+) -> dict:
+    bench = Bench(model_name, calibration, seed, journal, earlier["rows"][1:] if earlier else [])
+    if earlier and (earlier["refine"], earlier["batch_size"]) != (bench.refine, bench.batch_size):
+        raise SystemExit(
+            f"--add: the committed results were refined with {earlier['refine']} in batches of "
+            f"{earlier['batch_size']}, this run would use {bench.refine} in {bench.batch_size}"
+        )
+    every = [(p, 0) for p in ONE_SHOT_ONLY] + [(p, e) for p in REFINED for e in (0, REFINE_EPOCHS)]
+    plans = [(p, e) for size in sizes for p, e in every if p == size]  # in the order of `sizes`
     longer = [(LONG_REFINE["removed"], LONG_REFINE["epochs"])]
     scored_by_candidates: dict[tuple, Scored] = {}
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -289,7 +314,20 @@ def run(model_name: str, methods: list[str], calibration: int, seed: int, journa
 
 
 def _measured(results: dict) -> list[dict]:
-    return [r for r in results["rows"][1:] if "out" not in r]
+    """The rows with a measurement, each method's by size (refined after one-shot, the long
+    refine last), whatever order the runs made them in."""
+    rows = [r for r in results["rows"][1:] if "out" not in r]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    refines = [_refine_label(0), _refine_label(REFINE_EPOCHS)]
+    return sorted(
+        rows,
+        key=lambda r: (
+            methods.index(r["method"]),
+            r["refine"] not in refines,
+            r["removed"],
+            r["refine"] != refines[0],
+        ),
+    )
 
 
 def _largest_within(rows: list[dict], head: str, reference: float, drop: float) -> float | None:
@@ -307,8 +345,10 @@ def markdown(results: dict, plot: str) -> str:
     lines = [
         f"# ALDS: {results['model']} on {results['dataset']}",
         "",
-        f"Command: `{results['command']}`  ",
-        f"Code: {results.get('code', 'unrecorded')}  ",
+        *(
+            f"Command: `{c['command']}` (code {c['code']})  "
+            for c in results.get("commands", [results])
+        ),
         f"torch {results['torch']}, {results['threads']} thread(s), "
         f"{results['calibration_samples']} calibration samples, seed {results['seed']}; timings "
         "on a shared machine (other jobs running), so only ratios measured in one run mean "
@@ -414,6 +454,19 @@ def plot(results: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
+def _committed(path: Path, args: argparse.Namespace) -> dict:
+    """The committed results to add to; exits naming the difference when they are of another
+    model, calibration or seed."""
+    if not path.exists():
+        raise SystemExit(f"--add: {path} does not exist; run without --add first")
+    earlier = json.loads(path.read_text())
+    ours = (args.model, args.calibration, args.seed)
+    theirs = (earlier["model"], earlier["calibration_samples"], earlier["seed"])
+    if ours != theirs:
+        raise SystemExit(f"--add: {path} holds model, calibration, seed {theirs}, not {ours}")
+    return earlier
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -421,13 +474,32 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--sizes",
+        default=",".join(str(p) for p in ONE_SHOT_ONLY + REFINED),
+        help="shares removed to run, comma-separated, among the default ones, in this order",
+    )
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the rows of the committed results and add this run's",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     stem = f"{args.model}-alds"
     journal = RESULTS / f".{stem}.journal.json"
     methods = [m for m in args.methods.split(",") if m]
-    results = run(args.model, methods, args.calibration, args.seed, journal)
+    sizes = [float(p) for p in args.sizes.split(",") if p]
+    unknown = sorted(set(sizes) - set(ONE_SHOT_ONLY + REFINED))
+    if unknown:
+        parser.error(f"--sizes {unknown} are not among {ONE_SHOT_ONLY + REFINED}")
+    earlier = _committed(RESULTS / f"{stem}.json", args) if args.add else None
+    results = run(args.model, methods, sizes, args.calibration, args.seed, journal, earlier)
     results["command"] = command()
+    results["commands"] = [
+        *(earlier.get("commands", [earlier]) if earlier else []),
+        {"command": results["command"], "code": results["code"]},
+    ]
     write_json(RESULTS / f"{stem}.json", results)
     plot(results, RESULTS / f"{stem}.png")
     text = markdown(results, f"{stem}.png")

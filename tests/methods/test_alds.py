@@ -15,7 +15,7 @@ from allot.cli import main
 from allot.discover import Layer, LayerSpec
 from allot.io import PLAN
 from allot.methods import get_method
-from allot.methods.alds import grouped_grid
+from allot.methods.alds import grouped_grid, whitened_grouped_grid
 from allot.schemes import Grouped, Keep
 from allot.zoo import create_model, get_dataset
 
@@ -116,3 +116,33 @@ def test_cli_alds_with_and_without_its_refinement(tmp_path, capsys) -> None:
         "settings": {**plan["metadata"]["refine"]["settings"], "epochs": 1},
     }
     assert [x["label"] for x in refined["layers"]] == [x["label"] for x in plan["layers"]]
+
+
+def test_the_whitened_grid_is_the_grid_with_the_whitened_fit() -> None:
+    layer = Layer("conv", LayerSpec("conv1d", 8, 4, (3,)))
+    assert whitened_grouped_grid(layer) == [
+        dataclasses.replace(s, fit="whitened") if isinstance(s, Grouped) else s
+        for s in grouped_grid(layer)
+    ]
+
+
+@pytest.mark.slow  # minutes on a shared 2-core machine: one Hessian-vector product a candidate
+def test_the_whitened_knapsack_plans_and_reloads(conv1d, tmp_path) -> None:
+    """`alds-knapsack-whitened`'s plans meet the budget, are deterministic, hold whitened fits,
+    state no operator-norm bound and reload from the artifact."""
+    model = create_model("test-conv1d")
+    scored = score(
+        model, conv1d, "alds-knapsack-whitened", model_name="test-conv1d", progress=False
+    )
+    first = compress_scored(scored, Budget("ratio", 2.5), ONE_SHOT)
+    again = compress_scored(scored, Budget("ratio", 2.5), ONE_SHOT)
+    assert first.plan.ratio >= 2.5
+    assert first.plan.to_json()["layers"] == again.plan.to_json()["layers"]
+    grouped = [x.scheme for x in first.plan.layers if x.scheme.kind == "grouped"]
+    assert grouped and all(s.fit == "whitened" for s in grouped)
+    assert "operator_error" not in first.plan.metadata
+    out = save(first.model, first.plan, tmp_path / "art")
+    loaded, _ = load(out)
+    x = get_dataset("mnist1d", calibration_size=64).example_inputs(8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), first.model(x))

@@ -74,6 +74,16 @@ def make_case(spec: LayerSpec, seed: int = 0) -> LayerCase:
     return LayerCase(spec, weight, bias, x, seed)
 
 
+def calibrated_case(spec: LayerSpec, seed: int = 0) -> LayerCase:
+    """A layer case with correlated calibration inputs (so whitening matters), with its own
+    profile."""
+    case = make_case(spec, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    mix = torch.randn(spec.in_features, spec.in_features, generator=g)
+    x = torch.einsum("ij,bj...->bi...", mix, case.x)
+    return LayerCase(spec, case.weight, case.bias, x, seed=1000 + seed)
+
+
 @pytest.fixture(params=list(SPECS.values()), ids=list(SPECS))
 def layer(request: pytest.FixtureRequest) -> LayerCase:
     return make_case(request.param)

@@ -1,24 +1,39 @@
 """Grouped (ALDS): k = 1 is plain SVD, the module computes W_hat x, each group is its own best
 rank-j fit, the error lies between the reference code's proxy and the paper's bound (on every
-layer of the benchmark models too), storage and MACs are what the two operations hold and do."""
+layer of the benchmark models too), storage and MACs are what the two operations hold and do.
+The whitened fit: its reported output error is the measured one, k = 1 is LowRank's whitened fit,
+its sweeps never raise the error and converge to a stationary point (autograd), it lies between
+the whitened rank-k j truncation and the plain grouped fit, and its plans round-trip."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
-from conftest import SPECS, make_case
+from conftest import SPECS, LayerCase, calibrated_case, make_case
 from torch import nn
 
 from allot.api import prepare
+from allot.budget import Budget
 from allot.discover import LayerSpec, fold_weight_2d, get_weight
 from allot.errors import spectral_norm
 from allot.evaluate import macs
 from allot.exceptions import ConfigError
+from allot.modules.base import build_float_layer, dense_weight
 from allot.modules.grouped import GroupedLayer
+from allot.plan import LayerPlan, Plan
 from allot.schemes import Grouped, LowRank, parse_scheme
-from allot.schemes.grouped import divisors
+from allot.schemes.grouped import (
+    SWEEPS,
+    TOLERANCE,
+    GroupedWhitening,
+    _whitenings,
+    divisors,
+)
+from allot.schemes.lowrank import Whitened
+from allot.stats import LayerStats
 from allot.zoo import create_model
 
 CASES = {name: make_case(spec, seed=3) for name, spec in SPECS.items()}
@@ -217,3 +232,174 @@ def test_string_form_and_label() -> None:
     for text in ["grouped", "grouped:3", "grouped:3:8:1", "grouped:x:2", "grouped:0:2"]:
         with pytest.raises(ConfigError):
             parse_scheme(text)
+
+
+# --- whitened fit -----------------------------------------------------------------------------
+
+WHITENED = [(2, 1), (2, 2), (4, 1)]  # 2 and 4 divide every case's input channels
+
+
+def _whitening(case: LayerCase, groups: int) -> GroupedWhitening:
+    return GroupedWhitening.of(fold_weight_2d(case.weight), case.profile.inputs(), groups)
+
+
+def _damped_output_error(whitening: GroupedWhitening, product: torch.Tensor) -> torch.Tensor:
+    residual = product - whitening.weight
+    return ((residual @ whitening.moment) * residual).sum()
+
+
+def _product(u: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    rank = u.shape[1] // groups
+    blocks = torch.einsum(
+        "okj,kjm->okm", u.view(u.shape[0], groups, rank), v.view(groups, rank, -1)
+    )
+    return blocks.reshape(u.shape[0], -1)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_whitened_output_error_is_what_the_fit_reports(name: str) -> None:
+    """The fit's last error, tr(D (M + lam I) D'), equals the mean squared output error of the
+    compressed layer on the calibration inputs (measured by running both layers) plus lam |D|^2."""
+    spec = SPECS[name]
+    case = calibrated_case(spec, seed=3)
+    stats = case.profile.inputs()
+    float_layer = build_float_layer(spec, case.weight, case.bias)
+    for groups, rank in WHITENED:
+        layer = Grouped(groups, rank, "whitened").compress(
+            case.weight, case.bias, spec, case.profile
+        )
+        with torch.no_grad():
+            difference = (layer(case.x) - float_layer(case.x)).double()
+        rows = difference.movedim(1, -1).reshape(-1, spec.out_features)
+        assert rows.shape[0] == stats.samples
+        measured = float(rows.pow(2).sum()) / stats.samples
+        delta = float((dense_weight(layer).detach().double() - case.weight.double()).pow(2).sum())
+        whitening = _whitening(case, groups)
+        reported = whitening.fit(rank)[2][-1]
+        assert reported == pytest.approx(measured + whitening.damping * delta, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_one_whitened_group_is_low_rank_whitened(name: str) -> None:
+    case = calibrated_case(SPECS[name], seed=3)
+    for rank in (1, 2, 3):
+        grouped = Grouped(1, rank, "whitened").compress(
+            case.weight, case.bias, case.spec, case.profile
+        )
+        low = LowRank(rank, "whitened").compress(case.weight, case.bias, case.spec, case.profile)
+        assert torch.equal(grouped.u, low.u) and torch.equal(grouped.v, low.v)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_the_sweeps_never_increase_the_output_error(name: str) -> None:
+    case = calibrated_case(SPECS[name], seed=3)
+    for groups, rank in WHITENED:
+        whitening = _whitening(case, groups)
+        u, v, errors = whitening.fit(rank, sweeps=25, tolerance=0.0)
+        assert len(errors) == 25
+        for before, after in itertools.pairwise(errors):
+            assert after <= before * (1 + 1e-12)
+        assert errors[-1] == pytest.approx(
+            float(_damped_output_error(whitening, _product(u, v, groups))), rel=1e-12
+        )
+        # a run of fewer sweeps is this run's beginning; the default stops once a sweep gains
+        # less than TOLERANCE of the error
+        assert whitening.fit(rank, sweeps=5, tolerance=0.0)[2] == errors[:5]
+        default = whitening.fit(rank)[2]
+        assert default == errors[: len(default)]
+        assert len(default) == SWEEPS or default[-2] - default[-1] <= TOLERANCE * default[-2]
+
+
+@pytest.mark.parametrize("name", ["conv1d-strided", "conv2d-dilated"])
+def test_the_converged_fit_is_a_stationary_point(name: str) -> None:
+    """Autograd reference: where the sweeps stop moving, the output error's gradient in every
+    group's factors vanishes (each group's step is that group's exact optimum)."""
+    case = calibrated_case(SPECS[name], seed=3)
+    whitening = _whitening(case, 2)
+    u, v, _ = whitening.fit(1, sweeps=200, tolerance=0.0)
+    u, v = u.clone().requires_grad_(), v.clone().requires_grad_()
+    error = _damped_output_error(whitening, _product(u, v, 2))
+    grad_u, grad_v = torch.autograd.grad(error, (u, v))
+    scale = float(error.detach()) ** 0.5 * float(whitening.moment.norm()) ** 0.5
+    assert float(grad_u.norm()) <= 1e-6 * scale * float(u.detach().norm())
+    assert float(grad_v.norm()) <= 1e-6 * scale * float(v.detach().norm())
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_no_grouped_fit_beats_the_whitened_rank_k_j_truncation(name: str) -> None:
+    """k groups of rank j make a weight of rank at most k j, so the whitened truncation at rank
+    k j (the least output error over all such weights) bounds every grouped fit's from below;
+    the whitened grouped fit lies between it and the plain grouped fit's error."""
+    case = calibrated_case(SPECS[name], seed=3)
+    whole = Whitened.of(fold_weight_2d(case.weight), case.profile.inputs())
+    for groups, rank in WHITENED:
+        whitening = _whitening(case, groups)
+        error = whitening.fit(rank)[2][-1]
+        plain = Grouped(groups, rank).compress(case.weight, case.bias, case.spec)
+        plain_error = float(
+            _damped_output_error(whitening, fold_weight_2d(dense_weight(plain).detach()).double())
+        )
+        assert whole.discarded(groups * rank) <= error * (1 + 1e-9)
+        assert error <= plain_error * (1 + 1e-6)
+
+
+def test_whitened_fit_is_deterministic() -> None:
+    case = calibrated_case(SPECS["conv2d-dilated"], seed=3)
+    scheme = Grouped(2, 2, "whitened")
+    first = scheme.compress(case.weight, case.bias, case.spec, case.profile)
+    _whitenings.clear()  # fit again from scratch, not from the remembered SVDs
+    again = scheme.compress(case.weight, case.bias, case.spec, case.profile)
+    assert torch.equal(first.u, again.u) and torch.equal(first.v, again.v)
+
+
+def test_whitened_needs_the_profile_and_refits_to_new_statistics() -> None:
+    spec = SPECS["linear"]
+    case = calibrated_case(spec, seed=3)
+    scheme = Grouped(2, 2, "whitened")
+    with pytest.raises(ConfigError, match="fits to calibration data"):
+        scheme.compress(case.weight, case.bias, spec)
+    assert scheme.refits and not Grouped(2, 2).refits
+    x = torch.randn(50, spec.in_features, generator=torch.Generator().manual_seed(4))
+    stats = LayerStats((x.T @ x).double(), 50)
+    target = torch.randn(spec.weight_shape, generator=torch.Generator().manual_seed(5))
+    layer = scheme.refit(target, case.bias, spec, stats)
+    u, v, _ = GroupedWhitening.of(target, stats, 2).fit(2)
+    torch.testing.assert_close(layer.reconstruct().double(), _product(u, v, 2))
+    with pytest.raises(ConfigError, match="cannot be re-fitted"):
+        Grouped(2, 2).refit(target, case.bias, spec, stats)
+
+
+def test_the_c_step_and_the_bound_are_the_plain_fits() -> None:
+    case = calibrated_case(SPECS["conv2d-dilated"], seed=3)
+    plain = Grouped(2, 2).compress(case.weight, case.bias, case.spec)
+    projected = Grouped(2, 2, "whitened").project(case.weight, case.bias, case.spec)
+    assert torch.equal(projected.u, plain.u) and torch.equal(projected.v, plain.v)
+    assert Grouped(2, 2, "whitened").error_bound(case.weight) is None
+    assert Grouped(2, 2, "whitened").storage_bits(case.spec) == Grouped(2, 2).storage_bits(
+        case.spec
+    )
+
+
+def test_whitened_forms_labels_and_plans() -> None:
+    scheme = Grouped(3, 8, "whitened")
+    assert parse_scheme("grouped:3:8:whitened") == scheme
+    assert scheme.label() == "grouped3r8-whitened" and scheme.family == 3
+    with pytest.raises(ConfigError, match=r"Grouped\.fit must be one of"):
+        Grouped(3, 8, "pca")
+    for text in ["grouped:3:8:pca", "grouped:3:8:whitened:1"]:
+        with pytest.raises(ConfigError):
+            parse_scheme(text)
+    spec = LayerSpec("conv2d", 20, 6, (3, 3))
+    plan = Plan(
+        model="test",
+        method="alds-knapsack-whitened",
+        error_model="curvature",
+        budget=Budget("ratio", 2.0),
+        layers=[LayerPlan("conv", spec, scheme, 0.5)],
+    )
+    again = Plan.loads(plan.dumps())
+    assert again.layers[0].scheme == scheme and again.dumps() == plan.dumps()
+    # a plan written before the fit existed names no fit: it loads as the plain fit
+    old = plan.to_json()
+    old["layers"][0]["scheme"] = {"kind": "grouped", "groups": 3, "rank": 8}
+    assert Plan.from_json(old).layers[0].scheme == Grouped(3, 8, "plain")

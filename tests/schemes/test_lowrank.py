@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SPECS, LayerCase, make_case
+from conftest import SPECS, calibrated_case
 
 from allot.discover import LayerSpec, fold_weight_2d
 from allot.exceptions import ConfigError
@@ -87,20 +87,11 @@ def test_bad_string_forms_raise(text: str):
 # --- whitened fit -----------------------------------------------------------------------------
 
 
-def _calibrated(spec: LayerSpec, seed: int = 0):
-    """A layer case with correlated calibration inputs (so whitening matters) and its profile."""
-    case = make_case(spec, seed)
-    g = torch.Generator().manual_seed(seed + 7)
-    mix = torch.randn(spec.in_features, spec.in_features, generator=g)
-    x = torch.einsum("ij,bj...->bi...", mix, case.x)
-    return LayerCase(spec, case.weight, case.bias, x, seed=1000 + seed)  # its own profile
-
-
 @pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
 def test_whitened_discarded_energy_is_the_measured_output_error(spec: LayerSpec) -> None:
     """sum_{i>r} s_i^2 of W S equals the mean squared output error on the calibration inputs
     (measured by running both layers) plus the damping times |D|^2."""
-    case = _calibrated(spec)
+    case = calibrated_case(spec)
     stats = case.profile.inputs()
     whitened = Whitened.of(fold_weight_2d(case.weight), stats)
     full = min(spec.out_features, spec.fan_in)
@@ -122,7 +113,7 @@ def test_whitened_truncation_has_the_least_damped_output_error() -> None:
     """No rank-r weight has a smaller tr(D (M + lam I) D'): not the plain SVD, not the whitened
     factors nudged in random directions."""
     spec = SPECS["conv2d-dilated"]
-    case = _calibrated(spec, seed=3)
+    case = calibrated_case(spec, seed=3)
     stats = case.profile.inputs()
     whitened = Whitened.of(fold_weight_2d(case.weight), stats)
     moment = stats.input_cov / stats.samples + whitened.damping * torch.eye(spec.fan_in).double()
@@ -147,7 +138,7 @@ def test_whitened_truncation_has_the_least_damped_output_error() -> None:
 
 def test_whitened_refit_is_the_truncation_of_the_target_under_new_statistics() -> None:
     spec = SPECS["linear"]
-    case = _calibrated(spec)
+    case = calibrated_case(spec)
     x = torch.randn(50, spec.in_features, generator=torch.Generator().manual_seed(4))
     stats = LayerStats((x.T @ x).double(), 50)
     target = torch.randn(spec.weight_shape, generator=torch.Generator().manual_seed(5))
@@ -162,7 +153,7 @@ def test_whitened_refit_is_the_truncation_of_the_target_under_new_statistics() -
 
 def test_whitened_needs_the_profile_and_stores_what_plain_stores() -> None:
     spec = SPECS["conv2d-dilated"]
-    case = _calibrated(spec)
+    case = calibrated_case(spec)
     with pytest.raises(ConfigError, match="fits to calibration data"):
         LowRank(2, "whitened").compress(case.weight, case.bias, spec)
     whitened = LowRank(2, "whitened").compress(case.weight, case.bias, spec, case.profile)
@@ -177,7 +168,7 @@ def test_the_c_step_of_either_fit_is_the_truncated_svd_and_needs_no_data() -> No
     # LC's C step minimises the plain weight error: the truncated SVD, for the whitened fit too
     # (which refused to fit without a profile before, so `--refine lc` failed on its plans).
     spec = SPECS["conv2d-dilated"]
-    case = _calibrated(spec)
+    case = calibrated_case(spec)
     target = case.weight + 0.1 * torch.randn(
         case.weight.shape, generator=torch.Generator().manual_seed(3)
     )

@@ -10,7 +10,10 @@ stores less than the float layer, then float. They differ in how a plan is chose
 - `alds-minmax`: the same error, the exact least largest error (one threshold over every (k, j),
   `allocate.minmax`), which the paper's search approximates;
 - `alds-knapsack`: the same candidates scored by allot's curvature damage 1/2 d'H_ii d (one exact
-  Hessian-vector product per candidate) and chosen by the exact knapsack.
+  Hessian-vector product per candidate) and chosen by the exact knapsack;
+- `alds-knapsack-whitened`: as `alds-knapsack`, each candidate fitted to the layer's calibration
+  inputs (`Grouped(k, j, "whitened")`) instead of by each group's plain SVD. The paper's fit is
+  plain, so `alds` keeps it.
 Each then fine-tunes the compressed model (`finetune`, `REFINE`): 2 epochs on the training
 batches, Adam, the learning rate restarted at 2e-4 and decayed by a cosine to 0, our short form of
 the paper's retraining with learning-rate rewinding (docs/alds.md says why this rate: one tenth of
@@ -28,19 +31,24 @@ from allot.schemes.grouped import divisors
 REFINE = {"epochs": 2, "lr": 2e-4}
 
 
-def grouped_grid(layer: Layer) -> list[Scheme]:
-    """Grouped(k, j) for every divisor k of the input channels and every rank j from 1 up to the
-    group's full rank while the decomposition stores less than float, then Keep."""
+def grouped_grid(layer: Layer, fit: str = "plain") -> list[Scheme]:
+    """Grouped(k, j, `fit`) for every divisor k of the input channels and every rank j from 1 up
+    to the group's full rank while the decomposition stores less than float, then Keep."""
     spec = layer.spec
     dense = Keep().storage_bits(spec)
     schemes: list[Scheme] = []
     for groups in divisors(spec.in_features):
         for rank in range(1, Grouped(groups, 1).full_rank(spec) + 1):
-            scheme = Grouped(groups, rank)
+            scheme = Grouped(groups, rank, fit)
             if scheme.storage_bits(spec) >= dense:
                 break
             schemes.append(scheme)
     return [*schemes, Keep()]
+
+
+def whitened_grouped_grid(layer: Layer) -> list[Scheme]:
+    """`grouped_grid` with every candidate fitted to the layer's calibration inputs."""
+    return grouped_grid(layer, "whitened")
 
 
 register_method(
@@ -70,6 +78,17 @@ register_method(
         "alds-knapsack",
         "grouped SVD per layer, exact knapsack on the curvature damage 1/2 d'Hd",
         grouped_grid,
+        error_model="curvature",
+        allocator="knapsack",
+        refine="finetune",
+        refine_settings=dict(REFINE),
+    )
+)
+register_method(
+    Method(
+        "alds-knapsack-whitened",
+        "grouped SVD fitted to the calibration inputs, exact knapsack on the curvature damage",
+        whitened_grouped_grid,
         error_model="curvature",
         allocator="knapsack",
         refine="finetune",

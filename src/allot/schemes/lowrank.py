@@ -83,9 +83,15 @@ class Whitened:
     @classmethod
     def _compute(cls, weight_2d: Tensor, stats: LayerStats) -> Whitened:
         cholesky, lam = damped_cholesky(stats, DAMPING)
+        return cls.under(weight_2d, cholesky, lam)
+
+    @classmethod
+    def under(cls, weight_2d: Tensor, cholesky: Tensor, damping: float) -> Whitened:
+        """The SVD of W S for a given lower Cholesky factor S (float64) of a damped second
+        moment M + `damping` I (`Grouped`'s whitened fit: one per input-channel group)."""
         w = weight_2d.detach().to(torch.float64)
         left, values, right_t = torch.linalg.svd(w @ cholesky, full_matrices=False)
-        return cls(left, values, right_t.T, cholesky, lam)
+        return cls(left, values, right_t.T, cholesky, damping)
 
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
         """U = P_r sqrt(s_r) (out, rank) and V = sqrt(s_r) Q_r' S^-1 (rank, fan_in), float64."""

@@ -4,7 +4,8 @@ Runs `allot.api.score` then `allot.api.compress_scored` (one budget) and the hel
 evaluation of the compressed model through the public API, with every stage boundary the library
 has watched (`stages.Stopwatch`): input statistics, the gradient sweep, fitting (steering, for
 steered methods) all candidates, the exact HVPs of the second-order damages, Lanczos and
-Hutchinson where the method needs them, measured loss changes, the allocator, apply, the plan's
+Hutchinson where the method needs them, measured loss changes, the rest of the error model's
+damages, the allocator, apply, the plan's
 layer costs, operator errors and prediction check, and evaluation. Each stage's seconds exclude
 the watched stages it called; "other" is what its caller did around them. Peak memory is the
 resident set's high-water mark per stage and over the run.
@@ -56,23 +57,7 @@ STAGES = (
 """(owner, attribute, label) of every watched stage, in pipeline order."""
 EVALUATION = "evaluation (held-out metrics)"
 ALLOCATOR = "allocator (knapsack)"
-
-
-def watch_allocator(stopwatch: Stopwatch) -> None:
-    """Time the allocator's operations: `compress_scored` gets its allocator by name."""
-    get = api.get_allocator
-
-    def timed(name: str):
-        allocator = get(name)
-        return type(allocator)(
-            allocator.name,
-            stopwatch.wrap(allocator.within_cost, ALLOCATOR),
-            stopwatch.wrap(allocator.within_damage, ALLOCATOR),
-            allocator.sequence,
-            allocator.description,
-        )
-
-    stopwatch.patch(api, "get_allocator", timed)
+DAMAGES = "error model: other"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -85,8 +70,10 @@ def run(args: argparse.Namespace) -> dict:
     stopwatch = Stopwatch()
     for owner, name, label in STAGES:
         stopwatch.watch(owner, name, label)
-    watch_allocator(stopwatch)
+    stopwatch.watch_lookup(api, "get_allocator", ("within_cost", "within_damage"), ALLOCATOR)
+    stopwatch.watch_lookup(api, "get_error_model", ("damages",), DAMAGES)
     labels = [label for *_, label in STAGES]
+    labels.insert(labels.index("fitting candidates (steering)") + 1, DAMAGES)
     labels.insert(labels.index("plan: other") + 1, ALLOCATOR)
     for label in [*labels, EVALUATION]:
         stopwatch.stages[label] = Stage()  # pipeline order; a stage never called shows 0 calls

@@ -12,6 +12,7 @@ every stage sees the process's peak so far (`resource.getrusage`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import resource
@@ -106,6 +107,19 @@ class Stopwatch:
         """Replace `owner.name` (a module's function or a class's method) by its timed wrapper
         until `restore`."""
         self.patch(owner, name, self.wrap(getattr(owner, name), label))
+
+    def watch_lookup(self, owner: object, name: str, fields: tuple[str, ...], label: str) -> None:
+        """Replace the lookup function `owner.name` (a registry getter returning a frozen
+        dataclass: an allocator, an error model) by one whose results have their `fields`
+        (functions) timed under `label`, until `restore`."""
+        lookup = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            entry = lookup(*args, **kwargs)
+            wrapped = {field: self.wrap(getattr(entry, field), label) for field in fields}
+            return dataclasses.replace(entry, **wrapped)
+
+        self.patch(owner, name, timed)
 
     def patch(self, owner: object, name: str, value: object) -> None:
         """Set `owner.name` to `value` until `restore`."""

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +170,10 @@ def test_analyze_writes_a_sensitivity_report_and_caches_its_profile(tmp_path, ca
     }
     first = json.loads((out / "analysis.json").read_text())
     assert first["error_model"] == "second-order"
+    # the peak memory reported is this process's, in MiB on screen and in the report
+    mib = f"peak resident memory {first['peak_memory_bytes'] / 2**20:,.0f} MiB"
+    assert mib in stdout and mib in (out / "analysis.md").read_text()
+    assert first["peak_memory_bytes"] >= resident_memory() - 16 * 2**20  # counters lag a little
     layer = first["layers"][0]
     assert layer["top_eigenvalue"] >= layer["bottom_eigenvalue"]
     assert set(layer["candidates"]) >= {"quant4", "keep"}
@@ -178,6 +183,15 @@ def test_analyze_writes_a_sensitivity_report_and_caches_its_profile(tmp_path, ca
     assert "0 forward+backward equivalents" in stdout  # everything came from the cache
     again = json.loads((out / "analysis.json").read_text())
     assert again["layers"] == first["layers"]
+
+
+def resident_memory() -> int:
+    """This process's resident memory now, in bytes (from /proc on Linux, else 0)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return 0
+    line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
 
 
 def _tensor_data(tmp_path, name: str, count: int = 96, **tensors) -> str:

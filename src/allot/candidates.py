@@ -119,22 +119,29 @@ def score_candidates(
 ) -> CandidateTable:
     """Fit every grid scheme to every layer and predict its damage with `error_model`.
 
-    All perturbations go to the error model in one call, so curvature models share their passes.
+    All perturbations go to the error model in one call, so curvature models share their passes;
+    a `layerwise` error model scores each layer as soon as it is fitted instead, and the layer's
+    dense perturbations are freed then (a model's worth of them per candidate otherwise).
     Each candidate keeps its fitted module (compressed storage, far smaller than the dense
     perturbations held while scoring).
     """
     schemes = [_grid_of(grid, layer) for layer in layers]
     modules: dict[str, list[nn.Module]] = {}
     deltas: dict[str, list[Tensor]] = {}
-    with torch.no_grad():
-        for layer, row in zip(
-            progress_bar(layers, "fitting candidates", progress), schemes, strict=True
-        ):
+    damages: dict[str, list[float]] = {}
+    for layer, row in zip(
+        progress_bar(layers, "fitting candidates", progress), schemes, strict=True
+    ):
+        with torch.no_grad():
             weight, bias = get_weight(model, layer.name)
             view = profile.layer(layer.name)
             modules[layer.name] = compress_all(row, weight, bias, layer.spec, view)
             deltas[layer.name] = [dense_weight(m) - weight for m in modules[layer.name]]
-    damages = error_model.damages(deltas, profile)
+        if error_model.layerwise:
+            damages.update(error_model.damages(deltas, profile))
+            deltas.clear()
+    if deltas:
+        damages.update(error_model.damages(deltas, profile))
     for layer, row in zip(layers, schemes, strict=True):
         _check_finite(model, layer, row, damages[layer.name])
     rows = [

@@ -501,7 +501,8 @@ def _analysis(args: argparse.Namespace, method: Method) -> Sensitivity:
     console.print(damage)
     console.print(
         f"cost: {result.fb_equivalents} forward+backward equivalents over "
-        f"{data.samples()} calibration samples, {result.seconds:.1f} s"
+        f"{data.samples()} calibration samples, {result.seconds:.1f} s, peak resident memory "
+        f"{result.peak_memory_bytes / 2**20:,.0f} MiB"
     )
     return result
 

@@ -42,6 +42,7 @@ from allot.profile.cache import Cache, default_directory
 from allot.profile.measure import mean_loss
 from allot.refine import REFINERS, get_refiner
 from allot.report.markdown import ANALYSIS_FILES, REPORT, write_report
+from allot.resources import peak_memory
 from allot.sensitivity import Sensitivity
 from allot.source import (
     LOSSES,
@@ -221,6 +222,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         if hf.is_hf_reference(ref):
             hf.save_architecture(ref, staging)
     _show_artifact(ref, f"{result.plan.method}, {budget.describe()}", out, *written)
+    console.print(f"peak resident memory: {peak_memory() / 2**20:,.0f} MiB")
 
 
 def _model_name(reference: str) -> str:

@@ -9,6 +9,7 @@ from allot import apply, load
 from allot.cli import main
 from allot.exceptions import ArtifactError
 from allot.io import PLAN, WEIGHTS
+from allot.resources import peak_memory
 from allot.source import file_factory, float_model
 
 
@@ -37,6 +38,8 @@ def test_compress_prints_float_then_compressed_and_writes_artifact(tmp_path, cap
     lines = [line for line in stdout.splitlines() if line.startswith("accuracy: ")]
     assert len(lines) == 2
     assert 0 < float(lines[1].split()[1]) <= 1
+    (peak,) = [line for line in stdout.splitlines() if line.startswith("peak resident memory: ")]
+    assert 100 < float(peak.split()[3].replace(",", "")) <= peak_memory() / 2**20 + 1
     assert {PLAN, WEIGHTS, "report.md", "allocation.png", "evaluation.json"} <= {
         p.name for p in out.iterdir()
     }
@@ -196,6 +199,12 @@ def test_analyze_writes_a_sensitivity_report_and_caches_its_profile(tmp_path, ca
     }
     first = json.loads((out / "analysis.json").read_text())
     assert first["error_model"] == "second-order"
+    # the peak memory reported is this process's, in MiB on screen and in the report
+    mib = f"peak resident memory {first['peak_memory_bytes'] / 2**20:,.0f} MiB"
+    assert mib in " ".join(stdout.split())  # rich wraps long lines
+    assert mib in (out / "analysis.md").read_text()
+    # bytes (torch alone takes more than 100 MiB), the process's peak when analyze ended
+    assert 100 * 2**20 < first["peak_memory_bytes"] <= peak_memory()
     layer = first["layers"][0]
     assert layer["top_eigenvalue"] >= layer["bottom_eigenvalue"]
     assert set(layer["candidates"]) >= {"quant4", "keep"}

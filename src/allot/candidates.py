@@ -147,27 +147,35 @@ def score_candidates(
     `screen` (a margin >= 1), candidates screened out by their output error are dropped first,
     unscored (module docstring).
 
-    All perturbations go to the error model in one call, so curvature models share their passes.
+    All perturbations go to the error model in one call, so curvature models share their passes;
+    a `layerwise` error model scores each layer as soon as it is fitted instead, and the layer's
+    dense perturbations are freed then (a model's worth of them per candidate otherwise).
     Each candidate keeps its fitted module (compressed storage, far smaller than the dense
     perturbations held while scoring).
     """
     schemes = [_grid_of(grid, layer) for layer in layers]
     modules: dict[str, list[nn.Module]] = {}
     deltas: dict[str, list[Tensor]] = {}
-    with torch.no_grad():
-        for layer, row in zip(
-            progress_bar(layers, "fitting candidates", progress), schemes, strict=True
-        ):
+    damages: dict[str, list[float]] = {}
+    screened_out = None if screen is None else []
+    for i, layer in enumerate(progress_bar(layers, "fitting candidates", progress)):
+        with torch.no_grad():
             weight, bias = get_weight(model, layer.name)
             view = profile.layer(layer.name)
-            modules[layer.name] = compress_all(row, weight, bias, layer.spec, view)
-            deltas[layer.name] = [dense_weight(m) - weight for m in modules[layer.name]]
-    screened_out = None
-    if screen is not None:
-        before = [len(row) for row in schemes]
-        schemes, modules, deltas = _screen(layers, schemes, modules, deltas, profile, screen)
-        screened_out = [n - len(row) for n, row in zip(before, schemes, strict=True)]
-    damages = error_model.damages(deltas, profile)
+            fitted = compress_all(schemes[i], weight, bias, layer.spec, view)
+            changes = [dense_weight(m) - weight for m in fitted]
+        if screened_out is not None:
+            kept = _screened(layer, schemes[i], changes, profile, screen)
+            screened_out.append(len(schemes[i]) - len(kept))
+            schemes[i], fitted, changes = (
+                [v[j] for j in kept] for v in (schemes[i], fitted, changes)
+            )
+        modules[layer.name], deltas[layer.name] = fitted, changes
+        if error_model.layerwise:
+            damages.update(error_model.damages(deltas, profile))
+            deltas.clear()
+    if deltas:
+        damages.update(error_model.damages(deltas, profile))
     for layer, row in zip(layers, schemes, strict=True):
         _check_finite(model, layer, row, damages[layer.name])
     rows = [
@@ -182,25 +190,14 @@ def score_candidates(
     return CandidateTable(layers, rows, error_model.name, screened_out)
 
 
-def _screen(
-    layers: list[Layer],
-    schemes: list[list[Scheme]],
-    modules: dict[str, list[nn.Module]],
-    deltas: dict[str, list[Tensor]],
-    profile: Profile,
-    margin: float,
-) -> tuple[list[list[Scheme]], dict[str, list[nn.Module]], dict[str, list[Tensor]]]:
-    """The candidates `allocate.screened` keeps, by their output errors, in grid order."""
-    cheap = get_error_model("output").damages(deltas, profile)
-    kept_schemes, kept_modules, kept_deltas = [], {}, {}
-    for layer, row in zip(layers, schemes, strict=True):
-        costs = np.array([s.storage_bits(layer.spec) for s in row], dtype=np.float64)
-        errors = np.maximum(np.array(cheap[layer.name]), 0.0)  # |dW x|^2, >= 0 up to rounding
-        kept = screened(costs, errors, margin).tolist()
-        kept_schemes.append([row[j] for j in kept])
-        kept_modules[layer.name] = [modules[layer.name][j] for j in kept]
-        kept_deltas[layer.name] = [deltas[layer.name][j] for j in kept]
-    return kept_schemes, kept_modules, kept_deltas
+def _screened(
+    layer: Layer, row: list[Scheme], changes: list[Tensor], profile: Profile, margin: float
+) -> list[int]:
+    """Indices of the layer's candidates `allocate.screened` keeps by their output errors."""
+    errors = get_error_model("output").damages({layer.name: changes}, profile)[layer.name]
+    costs = np.array([s.storage_bits(layer.spec) for s in row], dtype=np.float64)
+    # |dW x|^2 >= 0, up to rounding
+    return screened(costs, np.maximum(np.array(errors), 0.0), margin).tolist()
 
 
 def _check_finite(

@@ -50,6 +50,7 @@ from allot.profile.cache import Cache, default_directory
 from allot.profile.measure import mean_loss
 from allot.refine import REFINERS, get_refiner
 from allot.report.markdown import ANALYSIS_FILES, REPORT, write_report
+from allot.resources import peak_memory
 from allot.sensitivity import Sensitivity
 from allot.source import (
     LOSSES,
@@ -270,6 +271,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         if hf.is_hf_reference(ref):
             hf.save_architecture(ref, staging)
     _show_artifact(ref, f"{result.plan.method}, {budget.describe()}", out, *written)
+    console.print(f"peak resident memory: {peak_memory() / 2**20:,.0f} MiB")
 
 
 def _model_name(reference: str) -> str:
@@ -565,7 +567,8 @@ def _analysis(args: argparse.Namespace, method: Method) -> Sensitivity:
     console.print(damage)
     console.print(
         f"cost: {result.fb_equivalents} forward+backward equivalents over "
-        f"{data.samples()} calibration samples, {result.seconds:.1f} s"
+        f"{data.samples()} calibration samples, {result.seconds:.1f} s, peak resident memory "
+        f"{result.peak_memory_bytes / 2**20:,.0f} MiB"
     )
     return result
 

@@ -2,7 +2,9 @@
 
 An error model takes every candidate's perturbation of every layer at once ({layer: [d, ...]},
 weight-shaped) and the model's `Profile`, and returns one damage per perturbation; taking them
-all together lets curvature models share passes over the data. Units differ between models, so
+all together lets curvature models share passes over the data. A `layerwise` model (one whose
+damages of a layer read only that layer's perturbations and statistics) is handed one layer at a
+time instead, so that scoring holds one layer's dense perturbations, not the whole model's. Units differ between models, so
 damages are only comparable within one model:
 - `weight`: |d|^2, squared weight error.
 - `weight-relative`: |d|^2 / |W|^2, the share of the layer's weight energy the change removes (for a
@@ -53,13 +55,16 @@ class ErrorModel:
     """A named damage predictor: `damages(deltas, profile)` gives one float per perturbation.
     `curvature` says whether it reads Hessian information (plans chosen with it are then checked
     against the second-order model, `allot.prediction`); `loss_change` whether its damage is a
-    predicted calibration-loss change itself, gradient term included (task-loss units)."""
+    predicted calibration-loss change itself, gradient term included (task-loss units);
+    `layerwise` whether it may be called one layer at a time (its damages of a layer depend on
+    nothing of the other layers and share no work with them)."""
 
     name: str
     damages: Callable[[Deltas, Profile], Damages]
     description: str = ""
     curvature: bool = False
     loss_change: bool = False
+    layerwise: bool = False
 
 
 def per_perturbation(damage: Callable[[Tensor, LayerProfile], float]) -> Callable:
@@ -152,18 +157,27 @@ def register_error_model(model: ErrorModel) -> ErrorModel:
 
 
 for _model in (
-    ErrorModel("weight", per_perturbation(_weight_error), "squared weight error |dW|_F^2"),
+    ErrorModel(
+        "weight", per_perturbation(_weight_error), "squared weight error |dW|_F^2", layerwise=True
+    ),
     ErrorModel(
         "weight-relative",
         per_perturbation(_relative_weight_error),
         "share of the weight's energy removed |dW|_F^2 / |W|_F^2",
+        layerwise=True,
     ),
     ErrorModel(
         "operator-relative",
         _relative_operator_errors,
         "relative operator-norm error |dW|_2 / |W|_2 (ALDS)",
+        layerwise=True,
     ),
-    ErrorModel("output", per_perturbation(_output_error), "mean squared output error |dW x|^2"),
+    ErrorModel(
+        "output",
+        per_perturbation(_output_error),
+        "mean squared output error |dW x|^2",
+        layerwise=True,
+    ),
     ErrorModel(
         "second-order",
         _second_order,
@@ -183,6 +197,7 @@ for _model in (
         "g.d + 1/2 tr(H)/n |d|^2 (Hutchinson)",
         curvature=True,
         loss_change=True,
+        layerwise=True,
     ),
     ErrorModel(
         "diagonal",
@@ -190,9 +205,14 @@ for _model in (
         "g.d + 1/2 sum diag(H) d^2 (Hutchinson)",
         curvature=True,
         loss_change=True,
+        layerwise=True,
     ),
     ErrorModel(
-        "hawq", per_perturbation(_hawq), "HAWQ-V2: tr(H)/n |d|^2 (Hutchinson)", curvature=True
+        "hawq",
+        per_perturbation(_hawq),
+        "HAWQ-V2: tr(H)/n |d|^2 (Hutchinson)",
+        curvature=True,
+        layerwise=True,
     ),
     ErrorModel(
         "measured",

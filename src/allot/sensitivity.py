@@ -16,6 +16,7 @@ from allot.candidates import Grid, score_candidates
 from allot.errors import get_error_model
 from allot.profile.engine import Profile
 from allot.profile.lanczos import is_saddle
+from allot.resources import peak_memory
 
 
 @dataclass(frozen=True)
@@ -42,18 +43,21 @@ class LayerSensitivity:
 @dataclass(frozen=True)
 class Sensitivity:
     """The whole analysis, with its cost: forward+backward equivalents over the calibration set
-    (see `allot.profile.hvp.Passes`) and wall-clock seconds."""
+    (see `allot.profile.hvp.Passes`), wall-clock seconds, and the process's peak resident memory
+    in bytes when it ended (`allot.resources.peak_memory`)."""
 
     error_model: str
     layers: list[LayerSensitivity]
     fb_equivalents: int
     seconds: float
+    peak_memory_bytes: int
 
     def to_json(self) -> dict:
         return {
             "error_model": self.error_model,
             "fb_equivalents": self.fb_equivalents,
             "seconds": self.seconds,
+            "peak_memory_bytes": self.peak_memory_bytes,
             "layers": [{**asdict(row), "saddle": row.saddle} for row in self.layers],
         }
 
@@ -90,4 +94,5 @@ def analyze(profile: Profile, grid: Grid, error_model: str, progress: bool = Tru
         rows,
         profile.curvature.passes.fb_equivalents,
         time.perf_counter() - start,
+        peak_memory(),
     )

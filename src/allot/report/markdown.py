@@ -438,7 +438,8 @@ def write_sensitivity(sensitivity: Sensitivity, title: str, directory: Path) -> 
         "calibration loss per layer: Hutchinson trace (± standard error), Lanczos extreme "
         "eigenvalues (± residual bound); *saddle* marks a layer whose Hessian block certainly has "
         f"a negative eigenvalue. Cost: {sensitivity.fb_equivalents} forward+backward equivalents "
-        f"over the calibration set, {sensitivity.seconds:.1f} s.",
+        f"over the calibration set, {sensitivity.seconds:.1f} s, peak resident memory "
+        f"{sensitivity.peak_memory_bytes / 2**20:,.0f} MiB.",
         "",
         *_table(
             ["layer", "weights", "|g|", "trace", "± se", "top eig", "± res", "min eig", "saddle"],

@@ -56,6 +56,9 @@ class LCSettings:
     """The LC schedule: `steps` values of mu = `mu0` * `growth`^k; each L step `epochs` passes
     with `optimizer` (`adam`, or `sgd` with `momentum`) from learning rate `lr` * `lr_decay`^k,
     constant within the step or decayed to 0 by a cosine (`schedule`), from a fresh optimiser;
+    `relative`: the rate is a fraction of each parameter tensor's RMS (`TrainSettings`);
+    `scaled`: each layer's penalty is mu / s_l^2 with s_l the RMS of its float weight, so mu is
+    per weight in units of the layer's own scale (see the module's docstring);
     `multipliers` False gives the quadratic-penalty method;
     `rank_alpha` (loss units per stored bit) turns on rank selection in the C steps; `seed` of
     the L steps; `checkpoint` a directory for the state after each step, `resume` to continue
@@ -70,6 +73,8 @@ class LCSettings:
     optimizer: str = "adam"
     momentum: float = 0.9
     schedule: str = "cosine"
+    relative: bool = False
+    scaled: bool = False
     multipliers: bool = True
     rank_alpha: float | None = None
     seed: int = 0
@@ -171,6 +176,8 @@ class _Run:
             for name, layer in self.layers.items()
             if layer.scheme.constrains
         }
+        # each layer's unit of squared weight: its float weight's mean square, or 1
+        self.units = {name: _unit(self.weight(name), settings.scaled) for name in self.multipliers}
         self.history: list[dict[str, Any]] = []
 
     def weight(self, name: str) -> nn.Parameter:
@@ -180,7 +187,7 @@ class _Run:
         """Train the free model on the loss plus the penalty; the last epoch's mean loss."""
         s = self.settings
         targets = {
-            name: (dense_weight(self.theta[name]) + lam / mu).detach()
+            name: (dense_weight(self.theta[name]) + lam * (self.units[name] / mu)).detach()
             for name, lam in self.multipliers.items()
         }
 
@@ -188,7 +195,10 @@ class _Run:
             return (
                 mu
                 / 2
-                * sum((self.weight(name) - target).pow(2).sum() for name, target in targets.items())
+                * sum(
+                    (self.weight(name) - target).pow(2).sum() / self.units[name]
+                    for name, target in targets.items()
+                )
             )
 
         if isinstance(getattr(self.data.train, "passes", None), int):
@@ -203,6 +213,7 @@ class _Run:
                 momentum=s.momentum,
                 schedule=s.schedule,
                 seed=s.seed + step,
+                relative=s.relative,
             ),
             extra_loss=penalty if targets else None,
             progress=False,
@@ -212,28 +223,36 @@ class _Run:
 
     @torch.no_grad()
     def c_step(self, mu: float) -> None:
-        """Fit every layer's scheme to w - lambda / mu, then update the multipliers."""
+        """Fit every layer's scheme to w - lambda / mu_l, then update the multipliers
+        (mu_l = mu / the layer's unit)."""
         alpha = self.settings.rank_alpha
         for name, layer in self.layers.items():
             weight, bias = get_weight(self.free, name)
             lam = self.multipliers.get(name)
-            target = weight if lam is None else weight - lam / mu
+            layer_mu = mu / self.units.get(name, 1.0)
+            target = weight if lam is None else weight - lam / layer_mu
             scheme = self.schemes[name]
             if alpha is not None:
-                scheme = scheme.select(target, layer.spec, 2 * alpha / mu)
+                scheme = scheme.select(target, layer.spec, 2 * alpha / layer_mu)
             previous = self.theta[name] if scheme == self.schemes[name] else None
             self.schemes[name] = scheme
             self.theta[name] = scheme.project(target, bias, layer.spec, previous)
             if lam is not None and self.settings.multipliers:
-                lam -= mu * (weight - dense_weight(self.theta[name]))
+                lam -= layer_mu * (weight - dense_weight(self.theta[name]))
 
-    def gap(self) -> float:
-        """sum_l |w_l - Delta_l|^2 / sum_l |w_l|^2 over the constrained layers (0 when none)."""
+    def gaps(self) -> tuple[float, float]:
+        """The constraint gap over the constrained layers: sum_l |w_l - Delta_l|^2 / sum_l
+        |w_l|^2, and the largest layer's own |w_l - Delta_l|^2 / |w_l|^2 (0, 0 when none)."""
         with torch.no_grad():
-            pairs = [(self.weight(n), dense_weight(self.theta[n])) for n in self.multipliers]
-            total = sum(float(w.double().pow(2).sum()) for w, _ in pairs)
-            distance = sum(float((w - d).double().pow(2).sum()) for w, d in pairs)
-        return distance / total if total > 0 else 0.0
+            pairs = [
+                (float(w.double().pow(2).sum()), float((w - d).double().pow(2).sum()))
+                for w, d in (
+                    (self.weight(n), dense_weight(self.theta[n])) for n in self.multipliers
+                )
+            ]
+        total = sum(size for size, _ in pairs)
+        worst = max((distance / size for size, distance in pairs if size > 0), default=0.0)
+        return (sum(distance for _, distance in pairs) / total if total > 0 else 0.0), worst
 
     def assemble(self) -> None:
         """Write the compressed model: Theta for the planned layers, the free model's values
@@ -256,12 +275,14 @@ class _Run:
         measured = metrics(self.model, self.data)
         if not measured:
             measured = {"calibration_loss": mean_loss(self.model, self.data)}
+        gap, worst = self.gaps()
         self.history.append(
             {
                 "step": step,
                 "mu": mu,
                 "train_loss": loss,
-                "gap": self.gap(),
+                "gap": gap,
+                "worst_gap": worst,
                 "bits": sum(s.storage_bits(self.layers[n].spec) for n, s in self.schemes.items()),
                 "metrics": measured,
             }
@@ -304,3 +325,12 @@ class _Run:
             "settings": dataclasses.asdict(self.settings),
             "history": self.history,
         }
+
+
+def _unit(weight: Tensor, scaled: bool) -> float:
+    """A layer's unit of squared weight: the mean square of its float weight with `scaled`
+    (1 for a weight of zeros), else 1."""
+    if not scaled:
+        return 1.0
+    square = float(weight.detach().double().pow(2).mean())
+    return square if square > 0 else 1.0

@@ -244,3 +244,35 @@ def test_relative_rates_and_scaled_penalty_make_lc_blind_to_a_layers_scale(digit
         for network in (model, other)
     ]
     assert plain[0] != pytest.approx(plain[1], rel=0.1)
+
+
+def test_a_feedback_start_is_error_feedbacks_model_and_a_fixed_point_of_the_c_step(
+    digits,
+) -> None:
+    scheme = "quant:1:steered+sparse:0.05"
+    post = compress(
+        create_model("test-mlp"),
+        digits,
+        PINNED,
+        Budget("ratio", 1.0),
+        policy=Policy.parse(pins=[f"*={scheme}"]),
+        refinement=Refinement("feedback"),
+        progress=False,
+    )
+    direct = _lc(digits, scheme, steps=0)
+    start = _lc(digits, scheme, steps=0, start="feedback")
+    first = start.plan.metadata["lc"]["history"][0]
+    assert first["metrics"] == pytest.approx(digits.evaluate(post.model))
+    assert first["metrics"] != pytest.approx(direct.plan.metadata["lc"]["history"][0]["metrics"])
+    assert first["gap"] == 0.0  # the free weights start at Delta(Theta): feasible
+    # Theta_0 is the projection of the post-training solution: the C step returns it unchanged
+    for layer in post.plan.layers:
+        fitted = post.model.get_submodule(layer.name)
+        weight = dense_weight(fitted).detach()
+        again = layer.scheme.project(weight, fitted.bias, layer.spec, fitted)
+        torch.testing.assert_close(dense_weight(again), weight)
+    # and LC from there keeps the constraint while lowering the loss
+    refined = _lc(digits, scheme, steps=3, start="feedback", lr=0.005)
+    history = refined.plan.metadata["lc"]["history"]
+    assert history[-1]["worst_gap"] < 0.05
+    assert mean_loss(refined.model, digits) < mean_loss(post.model, digits)

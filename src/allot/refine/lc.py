@@ -5,7 +5,11 @@ up good. Notes and published numbers: ../shared/papers/lc.md; what is ours: docs
 Every planned layer l must satisfy w_l = Delta_l(Theta_l), its scheme's decompression. LC solves
 min L(w) under those constraints by the augmented Lagrangian, alternating:
 
-- direct compression first: Theta = the applied plan (mu = 0, lambda = 0);
+- a start (mu = 0, lambda = 0): direct compression, Theta = the applied plan with w the float
+  weights; or (`start="feedback"`) error feedback's fit (`refine/feedback.py`) of the layers
+  whose scheme re-fits (steered quantization, whitened low rank, sums holding them), which start
+  feasible at w = Delta(Theta): LC then starts from the best post-training model of the plan's
+  form instead of a projection that may have lost the model (other layers start as direct);
 - for k = 0..K-1, mu = mu0 * growth^k:
   - L step: `epochs` passes of the shared training loop (`refine/train.py`) over the data's
     training batches on L(w) + mu/2 sum_l |w_l - Delta_l - lambda_l / mu|^2, over every trainable
@@ -15,6 +19,13 @@ min L(w) under those constraints by the augmented Lagrangian, alternating:
     (`Scheme.select`, price 2 alpha / mu per stored bit, alpha in loss units per bit);
   - multipliers: lambda_l -= mu (w_l - Delta_l); without `multipliers` lambda stays 0 (the
     quadratic-penalty method).
+With `scaled`, layer l's penalty is mu_l = mu / s_l^2 (s_l the RMS of its float weight) in the
+L step, the C step and the multiplier update alike, so mu is per weight in units of the layer's
+own scale; with `relative`, the L step's learning rates are fractions of each tensor's RMS
+(`refine/train.py`). Together they make LC blind to a constant multiplying a layer, which is what
+BatchNorm folding does: a folded ResNet's layers differ in scale a hundredfold, and one absolute
+mu and rate over them leaves the small layers' constraint open and the large ones untrained.
+
 The model LC reports is always the compressed one, Delta(Theta) with the free parameters'
 current values, measured after every step (held-out metrics, or the calibration loss when the
 data has none). Nothing here knows a scheme: any plan, from any allocator, is refined the same way.
@@ -46,9 +57,12 @@ from allot.modules.base import dense_weight
 from allot.plan import Plan
 from allot.profile.measure import mean_loss
 from allot.progress import progress_counter
+from allot.refine.feedback import feedback, refined_layers
 from allot.refine.lc_state import LCState, load_state, save_state
 from allot.refine.train import OPTIMIZERS, SCHEDULES, TrainSettings, train
 from allot.schemes import Scheme
+
+STARTS = ("direct", "feedback")
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,9 @@ class LCSettings:
     `relative`: the rate is a fraction of each parameter tensor's RMS (`TrainSettings`);
     `scaled`: each layer's penalty is mu / s_l^2 with s_l the RMS of its float weight, so mu is
     per weight in units of the layer's own scale (see the module's docstring);
+    `start`: `direct` (Theta from the applied plan, w the float weights) or `feedback` (error
+    feedback re-fits the layers whose scheme re-fits, and they start feasible, w = Delta(Theta);
+    the others start as `direct`);
     `multipliers` False gives the quadratic-penalty method;
     `rank_alpha` (loss units per stored bit) turns on rank selection in the C steps; `seed` of
     the L steps; `checkpoint` a directory for the state after each step, `resume` to continue
@@ -75,6 +92,7 @@ class LCSettings:
     schedule: str = "cosine"
     relative: bool = False
     scaled: bool = False
+    start: str = "direct"
     multipliers: bool = True
     rank_alpha: float | None = None
     seed: int = 0
@@ -98,6 +116,8 @@ class LCSettings:
             raise ConfigError(f"LC optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"LC schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.start not in STARTS:
+            raise ConfigError(f"LC start must be one of {STARTS}, got {self.start!r}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"LC momentum must be in [0, 1), got {self.momentum!r}")
         alpha = self.rank_alpha
@@ -135,9 +155,11 @@ def learning_compression(
     metadata gains `lc`: the settings and, per step, mu, the L step's training loss, the
     constraint gap sum |w - Delta|^2 / sum |w|^2 and the compressed model's measurements."""
     identity = settings.identity(plan)
-    run = _Run(reference, model, plan, data, settings)
     directory = Path(settings.checkpoint) if settings.checkpoint else None
     saved = load_state(directory, identity) if directory and settings.resume else None
+    if saved is None and settings.start == "feedback":
+        feedback(reference, model, plan, data, progress)
+    run = _Run(reference, model, plan, data, settings)
     if saved is None:
         run.record(0, 0.0, None)
         if directory is not None:
@@ -178,6 +200,11 @@ class _Run:
         }
         # each layer's unit of squared weight: its float weight's mean square, or 1
         self.units = {name: _unit(self.weight(name), settings.scaled) for name in self.multipliers}
+        if settings.start == "feedback":  # where feedback fitted Theta, start feasible
+            with torch.no_grad():
+                for name in refined_layers(plan):
+                    if name in self.multipliers:
+                        self.weight(name).copy_(dense_weight(self.theta[name]))
         self.history: list[dict[str, Any]] = []
 
     def weight(self, name: str) -> nn.Parameter:

@@ -259,7 +259,7 @@ def test_a_feedback_start_is_error_feedbacks_model_and_a_fixed_point_of_the_c_st
         refinement=Refinement("feedback"),
         progress=False,
     )
-    direct = _lc(digits, scheme, steps=0)
+    direct = _lc(digits, scheme, steps=0, start="direct")
     start = _lc(digits, scheme, steps=0, start="feedback")
     first = start.plan.metadata["lc"]["history"][0]
     assert first["metrics"] == pytest.approx(digits.evaluate(post.model))

@@ -92,7 +92,7 @@ class LCSettings:
     schedule: str = "cosine"
     relative: bool = False
     scaled: bool = False
-    start: str = "direct"
+    start: str = "feedback"
     multipliers: bool = True
     rank_alpha: float | None = None
     seed: int = 0

@@ -23,8 +23,8 @@ With `scaled`, layer l's penalty is mu_l = mu / s_l^2 (s_l the RMS of its float 
 L step, the C step and the multiplier update alike, so mu is per weight in units of the layer's
 own scale; with `relative`, the L step's learning rates are fractions of each tensor's RMS
 (`refine/train.py`). Together they make LC blind to a constant multiplying a layer, which is what
-BatchNorm folding does: a folded ResNet's layers differ in scale a hundredfold, and one absolute
-mu and rate over them leaves the small layers' constraint open and the large ones untrained.
+BatchNorm folding does (a folded ResNet-20's layers differ in mean |w| a hundredfold, and with
+absolute rates Adam moves each weight by about `lr` a step whatever its layer's scale).
 
 The model LC reports is always the compressed one, Delta(Theta) with the free parameters'
 current values, measured after every step (held-out metrics, or the calibration loss when the

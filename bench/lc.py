@@ -92,6 +92,10 @@ FORMS = (
     Form("low-rank", grid=rank_grid),
     Form("low-rank+sparse1%", grid=lowrank_sparse_grid),
     Form("quant1+low-rank", grid=quant_lowrank_grid),
+    # steered rounding: error feedback re-fits these, so LC can start from its fit (start=feedback)
+    Form("steered binary", pin="quant:1:steered"),
+    Form("steered quant1+sparse0.5%", pin="quant:1:steered+sparse:0.005"),
+    Form("steered quant1+sparse2%", pin="quant:1:steered+sparse:0.02"),
 )
 ADDITIVE = {
     ANCHOR: ("quant 2-bit", "sparse"),
@@ -262,7 +266,7 @@ def acceptance(results: dict) -> list[str]:
     within = [
         f"{name} ({r['ratio']:.1f}x: {100 * (r[head] - float_value):+.2f} pt)"
         for name, r in lc.items()
-        if name.startswith("quant1+sparse") and r["ratio"] >= 14
+        if "quant1+sparse" in name and r["ratio"] >= 14
     ]
     lines.append("- quantized (1 bit) + <= 2% sparse at >= 14x, LC: " + ", ".join(within))
     ratios = []
@@ -306,14 +310,18 @@ def markdown(results: dict, command: str, plot: str) -> str:
         f"L steps of {s['epochs']} epoch(s) = {epochs} epochs over the training split "
         f"(mu = {s['mu0']:g} x {s['growth']:g}^k, {s['optimizer']} at lr {s['lr']:g}, "
         f"{s['schedule']} within each L step, "
-        f"{'augmented Lagrangian' if s['multipliers'] else 'quadratic penalty'}). "
+        f"{'augmented Lagrangian' if s['multipliers'] else 'quadratic penalty'}"
+        f"{', rates relative to each tensor RMS' if s.get('relative') else ''}"
+        f"{', penalty scaled per layer' if s.get('scaled') else ''}, "
+        f"start: {s.get('start', 'direct')}). `LC start` is the model LC starts from (step 0: "
+        "the plan applied, or error feedback's fit of it with start=feedback). "
         "`direct` is the same plan applied without training; `cet-feedback` is allot's best "
         "post-training method at the same ratio or smaller. Seconds on a shared 2-core machine "
         "(other jobs running), for comparison within this run only.",
         "",
-        f"| form | schemes | ratio | direct {head} | LC {head} | LC delta (pt) | LC loss / "
-        f"direct loss | cet-feedback at that ratio | LC seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| form | schemes | ratio | direct {head} | LC start {head} | LC {head} | LC delta (pt) "
+        f"| LC loss / direct loss | cet-feedback at that ratio | LC seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in lc.items():
         d = direct[name]
@@ -326,13 +334,11 @@ def markdown(results: dict, command: str, plot: str) -> str:
         schemes = (
             ", ".join(r["schemes"]) if len(r["schemes"]) <= 2 else f"{len(r['schemes'])} kinds"
         )
+        started = r["history"][0]["metrics"][head]
         lines.append(
-            f"| {name} | {schemes} | {r['ratio']:.2f}x | {d[head]:.4f} | {r[head]:.4f} "
-            f"| {100 * (r[head] - float_row[head]):+.2f} | {share} "
-            f"| {match[head]:.4f} | {r['seconds']:.0f} |"
-            if match
-            else f"| {name} | {schemes} | {r['ratio']:.2f}x | {d[head]:.4f} | {r[head]:.4f} "
-            f"| {100 * (r[head] - float_row[head]):+.2f} | {share} | - | {r['seconds']:.0f} |"
+            f"| {name} | {schemes} | {r['ratio']:.2f}x | {d[head]:.4f} | {started:.4f} "
+            f"| {r[head]:.4f} | {100 * (r[head] - float_row[head]):+.2f} | {share} "
+            f"| {f'{match[head]:.4f}' if match else '-'} | {r['seconds']:.0f} |"
         )
     unreached = [r for r in results["rows"] if r["variant"] == UNREACHED]
     if unreached:

@@ -196,3 +196,83 @@ def test_the_free_model_is_a_copy(digits) -> None:
     )
     assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
     assert dense_weight(reference.get_submodule("1")).requires_grad
+
+
+def test_relative_rates_and_scaled_penalty_make_lc_blind_to_a_layers_scale(digits) -> None:
+    # BatchNorm folding multiplies layers by constants; with `relative` rates and the `scaled`
+    # penalty LC refines a layer multiplied by c (the next divided by c) to the same function
+    settings = {**QUICK, "relative": True, "scaled": True, "lr": 0.05, "mu0": 0.1}
+    factor = 20.0
+    model = create_model("test-mlp")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[1].weight.mul_(factor)
+        other[1].bias.mul_(factor)
+        other[3].weight.div_(factor)
+    results = [
+        compress(
+            network,
+            digits,
+            PINNED,
+            Budget("ratio", 1.0),
+            policy=Policy.parse(pins=["*=quant:1+sparse:0.05"]),
+            refinement=Refinement("lc", settings),
+            progress=False,
+        )
+        for network in (model, other)
+    ]
+    first, second = (r.plan.metadata["lc"]["history"] for r in results)
+    # each layer's own gap is scale-free (the summed one weighs layers by their scale)
+    worst = [h["worst_gap"] for h in first]
+    assert worst == pytest.approx([h["worst_gap"] for h in second], rel=1e-2)
+    assert worst[-1] < 0.1 * worst[0]
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(results[1].model(x), results[0].model(x), rtol=1e-2, atol=1e-3)
+    # the absolute penalty and rates see the scale
+    settings = {**QUICK, "lr": 0.05, "mu0": 0.1}
+    plain = [
+        compress(
+            network,
+            digits,
+            PINNED,
+            Budget("ratio", 1.0),
+            policy=Policy.parse(pins=["*=quant:1+sparse:0.05"]),
+            refinement=Refinement("lc", settings),
+            progress=False,
+        ).plan.metadata["lc"]["history"][-1]["worst_gap"]
+        for network in (model, other)
+    ]
+    assert plain[0] != pytest.approx(plain[1], rel=0.1)
+
+
+def test_a_feedback_start_is_error_feedbacks_model_and_a_fixed_point_of_the_c_step(
+    digits,
+) -> None:
+    scheme = "quant:1:steered+sparse:0.05"
+    post = compress(
+        create_model("test-mlp"),
+        digits,
+        PINNED,
+        Budget("ratio", 1.0),
+        policy=Policy.parse(pins=[f"*={scheme}"]),
+        refinement=Refinement("feedback"),
+        progress=False,
+    )
+    direct = _lc(digits, scheme, steps=0, start="direct")
+    start = _lc(digits, scheme, steps=0, start="feedback")
+    first = start.plan.metadata["lc"]["history"][0]
+    assert first["metrics"] == pytest.approx(digits.evaluate(post.model))
+    assert first["metrics"] != pytest.approx(direct.plan.metadata["lc"]["history"][0]["metrics"])
+    assert first["gap"] == 0.0  # the free weights start at Delta(Theta): feasible
+    # Theta_0 is the projection of the post-training solution: the C step returns it unchanged
+    for layer in post.plan.layers:
+        fitted = post.model.get_submodule(layer.name)
+        weight = dense_weight(fitted).detach()
+        again = layer.scheme.project(weight, fitted.bias, layer.spec, fitted)
+        torch.testing.assert_close(dense_weight(again), weight)
+    # and LC from there keeps the constraint while lowering the loss
+    refined = _lc(digits, scheme, steps=3, start="feedback", lr=0.005)
+    history = refined.plan.metadata["lc"]["history"]
+    assert history[-1]["worst_gap"] < 0.05
+    assert mean_loss(refined.model, digits) < mean_loss(post.model, digits)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,9 +19,9 @@ from allot.refine.train import TrainSettings, train
 from allot.zoo import create_model
 
 
-def _data() -> Data:
+def _data(dtype: torch.dtype = torch.float32) -> Data:
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 4, generator=generator)
+    x = torch.randn(64, 4, generator=generator, dtype=dtype)
     y = (x[:, 0] > 0).long()
     batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
     return Data(batches, supervised(F.cross_entropy), train=batches)
@@ -102,3 +104,50 @@ def test_unknown_refinement_settings_are_named() -> None:
         get_refiner("finetune").configure({"epoch": 3})
     with pytest.raises(ConfigError, match=r"no setting 'epochs'.*none"):
         get_refiner("feedback").configure({"epochs": 3})
+
+
+def _scaled_pair(factor: float) -> tuple[nn.Module, nn.Module]:
+    """A two-layer ReLU net and the same function with its first layer multiplied by
+    `factor` and the second divided by it (as BatchNorm folding rescales a layer)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].weight.mul_(factor)
+        other[0].bias.mul_(factor)
+        other[2].weight.div_(factor)
+    return model, other
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_relative_rates_train_a_rescaled_layer_alike(optimizer) -> None:
+    # the step is a fraction of each tensor's RMS: a layer multiplied by c (the next divided by c,
+    # the same function) moves by c times the same step, so both train to the same function
+    data = _data(torch.float64)
+    model, other = _scaled_pair(30.0)
+    settings = TrainSettings(
+        epochs=3, lr=0.02, optimizer=optimizer, relative=True, schedule="constant"
+    )
+    for network in (model, other):
+        train(network, data, settings, progress=False)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    with torch.no_grad():  # to Adam's eps, which is not scale-free
+        torch.testing.assert_close(other(x), model(x), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(other[0].weight, 30.0 * model[0].weight, rtol=1e-3, atol=1e-3)
+    # without `relative` the same rate trains the two differently
+    model, other = _scaled_pair(30.0)
+    plain = TrainSettings(epochs=3, lr=0.02, optimizer=optimizer, schedule="constant")
+    for network in (model, other):
+        train(network, data, plain, progress=False)
+    with torch.no_grad():
+        assert (other(x) - model(x)).abs().max() > 1e-3
+
+
+def test_relative_rates_follow_each_tensors_rms() -> None:
+    weight = nn.Parameter(torch.full((2, 3), 2.0))
+    zeros = nn.Parameter(torch.zeros(6))
+    overall = (24.0 / 12) ** 0.5  # sum of squares 24 over 12 entries
+    adam = dict(TrainSettings(lr=0.1, relative=True).rates([weight, zeros]))
+    sgd = dict(TrainSettings(lr=0.1, optimizer="sgd", relative=True).rates([weight, zeros]))
+    assert adam[weight] == pytest.approx(0.2) and adam[zeros] == pytest.approx(0.1 * overall)
+    assert sgd[weight] == pytest.approx(0.4) and sgd[zeros] == pytest.approx(0.1 * overall**2)

@@ -5,7 +5,11 @@ up good. Notes and published numbers: ../shared/papers/lc.md; what is ours: docs
 Every planned layer l must satisfy w_l = Delta_l(Theta_l), its scheme's decompression. LC solves
 min L(w) under those constraints by the augmented Lagrangian, alternating:
 
-- direct compression first: Theta = the applied plan (mu = 0, lambda = 0);
+- a start (mu = 0, lambda = 0): direct compression, Theta = the applied plan with w the float
+  weights; or (`start="feedback"`) error feedback's fit (`refine/feedback.py`) of the layers
+  whose scheme re-fits (steered quantization, whitened low rank, sums holding them), which start
+  feasible at w = Delta(Theta): LC then starts from the best post-training model of the plan's
+  form instead of a projection that may have lost the model (other layers start as direct);
 - for k = 0..K-1, mu = mu0 * growth^k:
   - L step: `epochs` passes of the shared training loop (`refine/train.py`) over the data's
     training batches on L(w) + mu/2 sum_l |w_l - Delta_l - lambda_l / mu|^2, over every trainable
@@ -15,6 +19,13 @@ min L(w) under those constraints by the augmented Lagrangian, alternating:
     (`Scheme.select`, price 2 alpha / mu per stored bit, alpha in loss units per bit);
   - multipliers: lambda_l -= mu (w_l - Delta_l); without `multipliers` lambda stays 0 (the
     quadratic-penalty method).
+With `scaled`, layer l's penalty is mu_l = mu / s_l^2 (s_l the RMS of its float weight) in the
+L step, the C step and the multiplier update alike, so mu is per weight in units of the layer's
+own scale; with `relative`, the L step's learning rates are fractions of each tensor's RMS
+(`refine/train.py`). Together they make LC blind to a constant multiplying a layer, which is what
+BatchNorm folding does (a folded ResNet-20's layers differ in mean |w| a hundredfold, and with
+absolute rates Adam moves each weight by about `lr` a step whatever its layer's scale).
+
 The model LC reports is always the compressed one, Delta(Theta) with the free parameters'
 current values, measured after every step (held-out metrics, or the calibration loss when the
 data has none). Nothing here knows a scheme: any plan, from any allocator, is refined the same way.
@@ -46,9 +57,12 @@ from allot.modules.base import dense_weight
 from allot.plan import Plan
 from allot.profile.measure import mean_loss
 from allot.progress import progress_counter
+from allot.refine.feedback import feedback, refined_layers
 from allot.refine.lc_state import LCState, load_state, save_state
 from allot.refine.train import OPTIMIZERS, SCHEDULES, TrainSettings, train
 from allot.schemes import Scheme
+
+STARTS = ("direct", "feedback")
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,12 @@ class LCSettings:
     """The LC schedule: `steps` values of mu = `mu0` * `growth`^k; each L step `epochs` passes
     with `optimizer` (`adam`, or `sgd` with `momentum`) from learning rate `lr` * `lr_decay`^k,
     constant within the step or decayed to 0 by a cosine (`schedule`), from a fresh optimiser;
+    `relative`: the rate is a fraction of each parameter tensor's RMS (`TrainSettings`);
+    `scaled`: each layer's penalty is mu / s_l^2 with s_l the RMS of its float weight, so mu is
+    per weight in units of the layer's own scale (see the module's docstring);
+    `start`: `direct` (Theta from the applied plan, w the float weights) or `feedback` (error
+    feedback re-fits the layers whose scheme re-fits, and they start feasible, w = Delta(Theta);
+    the others start as `direct`);
     `multipliers` False gives the quadratic-penalty method;
     `rank_alpha` (loss units per stored bit) turns on rank selection in the C steps; `seed` of
     the L steps; `checkpoint` a directory for the state after each step, `resume` to continue
@@ -70,6 +90,9 @@ class LCSettings:
     optimizer: str = "adam"
     momentum: float = 0.9
     schedule: str = "cosine"
+    relative: bool = False
+    scaled: bool = False
+    start: str = "feedback"
     multipliers: bool = True
     rank_alpha: float | None = None
     seed: int = 0
@@ -93,6 +116,8 @@ class LCSettings:
             raise ConfigError(f"LC optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"LC schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.start not in STARTS:
+            raise ConfigError(f"LC start must be one of {STARTS}, got {self.start!r}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"LC momentum must be in [0, 1), got {self.momentum!r}")
         alpha = self.rank_alpha
@@ -130,9 +155,11 @@ def learning_compression(
     metadata gains `lc`: the settings and, per step, mu, the L step's training loss, the
     constraint gap sum |w - Delta|^2 / sum |w|^2 and the compressed model's measurements."""
     identity = settings.identity(plan)
-    run = _Run(reference, model, plan, data, settings)
     directory = Path(settings.checkpoint) if settings.checkpoint else None
     saved = load_state(directory, identity) if directory and settings.resume else None
+    if saved is None and settings.start == "feedback":
+        feedback(reference, model, plan, data, progress)
+    run = _Run(reference, model, plan, data, settings)
     if saved is None:
         run.record(0, 0.0, None)
         if directory is not None:
@@ -171,6 +198,13 @@ class _Run:
             for name, layer in self.layers.items()
             if layer.scheme.constrains
         }
+        # each layer's unit of squared weight: its float weight's mean square, or 1
+        self.units = {name: _unit(self.weight(name), settings.scaled) for name in self.multipliers}
+        if settings.start == "feedback":  # where feedback fitted Theta, start feasible
+            with torch.no_grad():
+                for name in refined_layers(plan):
+                    if name in self.multipliers:
+                        self.weight(name).copy_(dense_weight(self.theta[name]))
         self.history: list[dict[str, Any]] = []
 
     def weight(self, name: str) -> nn.Parameter:
@@ -180,7 +214,7 @@ class _Run:
         """Train the free model on the loss plus the penalty; the last epoch's mean loss."""
         s = self.settings
         targets = {
-            name: (dense_weight(self.theta[name]) + lam / mu).detach()
+            name: (dense_weight(self.theta[name]) + lam * (self.units[name] / mu)).detach()
             for name, lam in self.multipliers.items()
         }
 
@@ -188,7 +222,10 @@ class _Run:
             return (
                 mu
                 / 2
-                * sum((self.weight(name) - target).pow(2).sum() for name, target in targets.items())
+                * sum(
+                    (self.weight(name) - target).pow(2).sum() / self.units[name]
+                    for name, target in targets.items()
+                )
             )
 
         if isinstance(getattr(self.data.train, "passes", None), int):
@@ -203,6 +240,7 @@ class _Run:
                 momentum=s.momentum,
                 schedule=s.schedule,
                 seed=s.seed + step,
+                relative=s.relative,
             ),
             extra_loss=penalty if targets else None,
             progress=False,
@@ -212,28 +250,36 @@ class _Run:
 
     @torch.no_grad()
     def c_step(self, mu: float) -> None:
-        """Fit every layer's scheme to w - lambda / mu, then update the multipliers."""
+        """Fit every layer's scheme to w - lambda / mu_l, then update the multipliers
+        (mu_l = mu / the layer's unit)."""
         alpha = self.settings.rank_alpha
         for name, layer in self.layers.items():
             weight, bias = get_weight(self.free, name)
             lam = self.multipliers.get(name)
-            target = weight if lam is None else weight - lam / mu
+            layer_mu = mu / self.units.get(name, 1.0)
+            target = weight if lam is None else weight - lam / layer_mu
             scheme = self.schemes[name]
             if alpha is not None:
-                scheme = scheme.select(target, layer.spec, 2 * alpha / mu)
+                scheme = scheme.select(target, layer.spec, 2 * alpha / layer_mu)
             previous = self.theta[name] if scheme == self.schemes[name] else None
             self.schemes[name] = scheme
             self.theta[name] = scheme.project(target, bias, layer.spec, previous)
             if lam is not None and self.settings.multipliers:
-                lam -= mu * (weight - dense_weight(self.theta[name]))
+                lam -= layer_mu * (weight - dense_weight(self.theta[name]))
 
-    def gap(self) -> float:
-        """sum_l |w_l - Delta_l|^2 / sum_l |w_l|^2 over the constrained layers (0 when none)."""
+    def gaps(self) -> tuple[float, float]:
+        """The constraint gap over the constrained layers: sum_l |w_l - Delta_l|^2 / sum_l
+        |w_l|^2, and the largest layer's own |w_l - Delta_l|^2 / |w_l|^2 (0, 0 when none)."""
         with torch.no_grad():
-            pairs = [(self.weight(n), dense_weight(self.theta[n])) for n in self.multipliers]
-            total = sum(float(w.double().pow(2).sum()) for w, _ in pairs)
-            distance = sum(float((w - d).double().pow(2).sum()) for w, d in pairs)
-        return distance / total if total > 0 else 0.0
+            pairs = [
+                (float(w.double().pow(2).sum()), float((w - d).double().pow(2).sum()))
+                for w, d in (
+                    (self.weight(n), dense_weight(self.theta[n])) for n in self.multipliers
+                )
+            ]
+        total = sum(size for size, _ in pairs)
+        worst = max((distance / size for size, distance in pairs if size > 0), default=0.0)
+        return (sum(distance for _, distance in pairs) / total if total > 0 else 0.0), worst
 
     def assemble(self) -> None:
         """Write the compressed model: Theta for the planned layers, the free model's values
@@ -256,12 +302,14 @@ class _Run:
         measured = metrics(self.model, self.data)
         if not measured:
             measured = {"calibration_loss": mean_loss(self.model, self.data)}
+        gap, worst = self.gaps()
         self.history.append(
             {
                 "step": step,
                 "mu": mu,
                 "train_loss": loss,
-                "gap": self.gap(),
+                "gap": gap,
+                "worst_gap": worst,
                 "bits": sum(s.storage_bits(self.layers[n].spec) for n, s in self.schemes.items()),
                 "metrics": measured,
             }
@@ -304,3 +352,12 @@ class _Run:
             "settings": dataclasses.asdict(self.settings),
             "history": self.history,
         }
+
+
+def _unit(weight: Tensor, scaled: bool) -> float:
+    """A layer's unit of squared weight: the mean square of its float weight with `scaled`
+    (1 for a weight of zeros), else 1."""
+    if not scaled:
+        return 1.0
+    square = float(weight.detach().double().pow(2).mean())
+    return square if square > 0 else 1.0

@@ -3,7 +3,10 @@
 
 `train` runs `settings.epochs` passes over `data.train` with the data's loss plus an optional
 extra term (LC's penalty), in train mode, with an Adam or SGD optimiser over the model's trainable
-parameters, the learning rate constant or decayed by a cosine from `lr` to 0 over all steps. The
+parameters, the learning rate constant or decayed by a cosine from `lr` to 0 over all steps. With
+`relative`, the rate is per parameter tensor and scale-free: `lr` is then the step as a fraction of
+the tensor's RMS (Adam's rate lr s, SGD's lr s^2 for a tensor of RMS s at the start), so a tensor
+multiplied by a constant trains alike, as BatchNorm folding multiplies each layer's weights. The
 model is left in eval mode. Training uses `torch.manual_seed(settings.seed)` for anything random
 in the model (dropout); the batch order is the training collection's own.
 """
@@ -29,7 +32,8 @@ SCHEDULES = ("constant", "cosine")
 class TrainSettings:
     """How to train: `epochs` passes over the training batches, optimiser `adam` or `sgd` (with
     `momentum`), learning rate `lr` under `schedule` (`constant`, or `cosine` decay to 0),
-    L2 `weight_decay`, and the `seed` of anything random in the model."""
+    L2 `weight_decay`, and the `seed` of anything random in the model. `relative`: `lr` is a
+    fraction of each parameter tensor's RMS (see the module's docstring)."""
 
     epochs: int = 1
     lr: float = 1e-3
@@ -38,6 +42,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     schedule: str = "cosine"
     seed: int = 0
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
@@ -52,11 +57,27 @@ class TrainSettings:
             raise ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
 
     def make_optimizer(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+        groups = [{"params": [p], "lr": rate} for p, rate in self.rates(parameters)]
         if self.optimizer == "adam":
-            return torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.Adam(groups, lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(
-            parameters, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
+
+    def rates(self, parameters: list[nn.Parameter]) -> list[tuple[nn.Parameter, float]]:
+        """Each parameter's learning rate: `lr`, or with `relative` lr s (Adam) or lr s^2 (SGD)
+        for a tensor of RMS s; a tensor of zeros takes the RMS of all the parameters together."""
+        if not self.relative:
+            return [(p, self.lr) for p in parameters]
+        with torch.no_grad():
+            squares = [float(p.double().pow(2).mean()) for p in parameters]
+            total = sum(float(p.double().pow(2).sum()) for p in parameters)
+            overall = math.sqrt(total / sum(p.numel() for p in parameters))
+        power = 1 if self.optimizer == "adam" else 2
+        return [
+            (p, self.lr * (math.sqrt(sq) if sq > 0 else overall) ** power)
+            for p, sq in zip(parameters, squares, strict=True)
+        ]
 
 
 def train(

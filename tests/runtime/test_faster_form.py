@@ -89,7 +89,6 @@ def test_the_chosen_form_gives_the_factorized_outputs(spec, factors, dense, form
         out = layer(x)
         again = layer(x)
     assert layer.runner.forms == {tuple(x.shape): form}
-    assert layer.runner.seconds == {tuple(x.shape): (factors, dense)}
     assert layer.runner.label == form
     if form == FACTORS:
         assert torch.equal(out, expected) and layer.runner.weight is None

@@ -245,6 +245,17 @@ def parse_scheme(text: str) -> Scheme:
         raise ConfigError(f"cannot parse scheme {text!r:.80}: {exc!s:.200}") from exc
 
 
+def fitted_inputs(scheme: Scheme, profile: LayerProfile | None, instead: str) -> LayerStats:
+    """The layer's calibration input statistics a data-fitted scheme needs; `ConfigError` naming
+    the data-free alternative `instead` when no profile is given."""
+    if profile is None:
+        raise ConfigError(
+            f"{scheme.label()} fits to calibration data: give the layer's profile (allot.api "
+            f"compress does), or use {instead}"
+        )
+    return profile.inputs()
+
+
 def check_int_field(owner: str, name: str, value: Any, low: int, high: int | None = None) -> None:
     """Raise `ConfigError` naming `owner.name` unless `value` is an int (not bool) in low..high."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= low

@@ -42,7 +42,7 @@ from allot.modules.base import check_layer_tensors
 from allot.modules.grouped import GroupedLayer
 from allot.profile.activations import damped_cholesky
 from allot.profile.cache import Fingerprint
-from allot.schemes.base import Scheme, check_int_field, register_scheme
+from allot.schemes.base import Scheme, check_int_field, fitted_inputs, register_scheme
 from allot.schemes.lowrank import Whitened, svd_factors
 from allot.schemes.steer import DAMPING
 
@@ -131,12 +131,9 @@ class Grouped(Scheme):
     ) -> GroupedLayer:
         if self.fit == "plain":
             return self.project(weight, bias, spec)
-        if profile is None:
-            raise ConfigError(
-                f"{self.label()} fits to calibration data: give the layer's profile (allot.api "
-                "compress does), or use the plain fit (grouped:K:J)"
-            )
-        return self.refit(weight, bias, spec, profile.inputs())
+        return self.refit(
+            weight, bias, spec, fitted_inputs(self, profile, "the plain fit (grouped:K:J)")
+        )
 
     def project(
         self,

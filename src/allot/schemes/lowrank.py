@@ -30,7 +30,7 @@ from allot.modules.base import check_layer_tensors
 from allot.modules.lowrank import LowRankLayer
 from allot.profile.activations import damped_cholesky
 from allot.profile.cache import Fingerprint
-from allot.schemes.base import Scheme, check_int_field, register_scheme
+from allot.schemes.base import Scheme, check_int_field, fitted_inputs, register_scheme
 from allot.schemes.steer import DAMPING
 
 if TYPE_CHECKING:
@@ -148,12 +148,9 @@ class LowRank(Scheme):
             return self.project(weight, bias, spec)
         check_layer_tensors(spec, weight, bias)
         self.check(spec)
-        if profile is None:
-            raise ConfigError(
-                f"{self.label()} fits to calibration data: give the layer's profile (allot.api "
-                "compress does), or use the plain fit (rank:R)"
-            )
-        return self.refit(weight, bias, spec, profile.inputs())
+        return self.refit(
+            weight, bias, spec, fitted_inputs(self, profile, "the plain fit (rank:R)")
+        )
 
     def project(
         self,

@@ -32,7 +32,7 @@ from allot.modules.quant import (
     group_count,
     stored_grid,
 )
-from allot.schemes.base import Scheme, check_int_field, register_scheme
+from allot.schemes.base import Scheme, check_int_field, fitted_inputs, register_scheme
 from allot.schemes.grid import quantize_rtn
 from allot.schemes.steer import steer, steer_many
 
@@ -111,12 +111,9 @@ class Quant(Scheme):
         self.check(spec)
         if self.rounding == "nearest":
             return self.project(weight, bias, spec)
-        if profile is None:
-            raise ConfigError(
-                f"{self.label()} fits to calibration data: give the layer's profile (allot.api "
-                "compress does), or use rounding='nearest'"
-            )
-        return self.fit_steered(weight, bias, spec, profile.inputs())
+        return self.fit_steered(
+            weight, bias, spec, fitted_inputs(self, profile, "rounding='nearest'")
+        )
 
     @classmethod
     def compress_many(

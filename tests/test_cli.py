@@ -340,3 +340,17 @@ def test_lowrank_compact_runs_under_its_own_lossless_budget(tmp_path, capsys) ->
     assert lossless["calibration_loss"] <= lossless["float_calibration_loss"]
     report = (out / "report.md").read_text()
     assert "predicted dL" in report and "measured dL" in report
+
+
+def test_demo_runs_compress_with_every_compress_option(monkeypatch, tmp_path) -> None:
+    """The demo hands compress a namespace its own parser made: an option added to compress
+    cannot be missing from it (the README's first command broke that way once)."""
+    from allot import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_compress", lambda args: seen.update(vars(args)))
+    cli.main(["--threads", "1", "demo", "--out", str(tmp_path / "d")])
+    compress = cli.parser().parse_args(["compress", "x", "--method", "cet", "--out", "o"])
+    assert set(vars(compress)) - {"func"} <= set(seen)
+    assert seen["method"] == "uniform-quant" and seen["bits"] == 4 and seen["threads"] == 1
+    assert seen["out"] == str(tmp_path / "d") and seen["model"] == "mnist-resnet20"

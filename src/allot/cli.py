@@ -678,21 +678,15 @@ def cmd_zoo(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    args.model, args.model_file, args.weights, args.data = "mnist-resnet20", None, None, None
-    args.loss, args.held_out, args.keep, args.pin = None, None, None, None
-    args.refine, args.refine_epochs, args.refine_lr = None, None, None
-    args.refine_setting, args.resume, args.scheme = None, False, None
-    args.method, args.lossless, args.ratio, args.avg_bits, args.bytes = (
-        "uniform-quant",
-        False,
-        None,
-        None,
-        None,
-    )
-    args.bits, args.calibration, args.seed, args.no_cache = 4, 512, 0, False
-    args.device = torch.device("cpu")
-    args.max_damage, args.max_loss_increase = None, None
-    cmd_compress(args)
+    """`allot compress mnist-resnet20 --method uniform-quant --bits 4 --out OUT`, parsed by the
+    compress command's own parser (so it has every compress option's default), with the demo's
+    global options (threads, progress, ...)."""
+    argv = ["compress", "mnist-resnet20", "--method", "uniform-quant", "--bits", "4"]
+    compress = parser().parse_args([*argv, "--out", args.out])
+    for key, value in vars(args).items():
+        if key not in ("command", "func"):
+            setattr(compress, key, value)
+    cmd_compress(compress)
 
 
 def _add_budget(parser: argparse.ArgumentParser) -> None:
@@ -981,6 +975,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compress mnist-resnet20 with uniform 4-bit quantization")
     p.add_argument("--out", default="demo-out")
+    _add_device(p)
     p.set_defaults(func=cmd_demo)
     return top
 

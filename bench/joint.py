@@ -2,9 +2,10 @@
 alone, at ratios 8, 11, 16, 24 and 32, post-training and after the same short refinement.
 
 Every variant chooses from the same candidates, scored once: `joint` from the whole joint grid
-(`allot.methods.joint`: steered quantization, whitened low-rank, grouped low-rank, sparse, and the
-sums quant+sparse, rank+sparse, quant+rank, each layer also free to stay float), and each single
-family from the same grid restricted to that family (`quant`, `rank`, `grouped`, `sparse`; the
+(`allot.methods.joint`: steered quantization, whitened low-rank with float and with 4-bit
+factors, grouped low-rank, sparse, and the sums quant+sparse, rank+sparse, quant+rank, each layer
+also free to stay float), and each single family from the same grid restricted to that family
+(`quant`, `rank`, `qrank`, `grouped`, `sparse`; the
 restricted table is the joint one's rows of that family, which is what scoring the restricted
 grid gives: tests/methods/test_joint_method.py). All of them are scored by the measured loss change of
 each candidate and chosen by the exact knapsack. Two reference rows: `cet-steer` (CET's own
@@ -51,7 +52,7 @@ from allot.methods.joint import JOINT, joint_grid
 from allot.profile.measure import mean_loss
 
 RATIOS = (8.0, 11.0, 16.0, 24.0, 32.0)
-SINGLE = ("quant", "rank", "grouped", "sparse")
+SINGLE = ("quant", "rank", "qrank", "grouped", "sparse")
 REFERENCES = ("cet-steer", "joint-second-order")
 FINETUNE = {"lr": 2e-4}
 PASSES = 3

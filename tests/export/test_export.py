@@ -61,6 +61,12 @@ PLANS = {
         Sum((Quant(7, 4, grid="zero-point"), Sparse(0.05))),
         Quant(6, grid="symmetric"),
     ],
+    "quantized factors": [
+        LowRank(3, bits=4),
+        LowRank(4, bits=3),
+        Sum((LowRank(2, bits=8), Sparse(0.05))),
+        LowRank(2, bits=1),
+    ],
 }
 
 

@@ -41,9 +41,9 @@ def test_the_grid_offers_every_family_and_only_schemes_smaller_than_float() -> N
     assert set(kinds) == set(FAMILIES)
     assert kinds == sorted(kinds, key=FAMILIES.index), "families in their order"
     assert len(grid) == len(set(grid)), "no candidate twice"
-    for family in ("rank", "grouped", "sparse"):
+    for family in ("rank", "qrank", "grouped", "sparse"):
         assert kinds.count(family) <= PER_FAMILY
-    assert len(grid) <= 14 + 3 * PER_FAMILY + 3 * 4 + 1
+    assert len(grid) <= 14 + 4 * PER_FAMILY + 3 * 4 + 1
 
 
 def test_one_family_is_that_familys_candidates_of_the_full_grid() -> None:

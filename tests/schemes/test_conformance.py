@@ -51,6 +51,9 @@ EXAMPLES: list[tuple[str, Scheme]] = [
     ("rank:3", LowRank(3)),
     ("rank:2:whitened", LowRank(2, "whitened")),
     ("rank:3:whitened", LowRank(3, "whitened")),
+    ("rank:2:q4", LowRank(2, bits=4)),
+    ("rank:3:whitened:q2", LowRank(3, "whitened", 2)),
+    ("rank:2:whitened:q1", LowRank(2, "whitened", 1)),
     ("grouped:1:3", Grouped(1, 3)),
     ("grouped:2:2", Grouped(2, 2)),  # 2 and 4 divide every case's input channels
     ("grouped:4:1", Grouped(4, 1)),
@@ -67,6 +70,7 @@ EXAMPLES: list[tuple[str, Scheme]] = [
     ("quant:2+sparse:0.05", Sum((Quant(2), Sparse(0.05)))),
     ("rank:1+sparse:0.05", Sum((LowRank(1), Sparse(0.05)))),
     ("rank:1:whitened+sparse:0.05", Sum((LowRank(1, "whitened"), Sparse(0.05)))),
+    ("quant:2+rank:2:whitened:q4", Sum((Quant(2), LowRank(2, "whitened", 4)))),
     ("grouped:2:1+sparse:0.05", Sum((Grouped(2, 1), Sparse(0.05)))),
     ("ternary+sparse:0.05", Sum((Ternary(), Sparse(0.05)))),
     ("codebook:2+rank:1", Sum((Codebook(2), LowRank(1)))),

@@ -1,5 +1,6 @@
 """LowRank: Eckart-Young error, full rank is exact, factor constructor, rank checks, storage; the
-whitened fit's discarded energy against the measured output error; hostile ranks."""
+whitened fit's discarded energy against the measured output error; hostile ranks; quantized
+factors (storage, the re-solved left factor, the error against the float factors)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from conftest import SPECS, calibrated_case
 from allot.discover import LayerSpec, fold_weight_2d
 from allot.exceptions import ConfigError
 from allot.modules.base import build_float_layer, dense_weight
-from allot.modules.lowrank import LowRankLayer
-from allot.schemes import LowRank, parse_scheme
-from allot.schemes.lowrank import Whitened, svd_factors
+from allot.modules.lowrank import LowRankLayer, QuantizedLowRankLayer
+from allot.profile.activations import damped_cholesky
+from allot.schemes import LowRank, Quant, parse_scheme
+from allot.schemes.lowrank import Whitened, least_squares_left, svd_factors
+from allot.schemes.steer import DAMPING
 from allot.stats import LayerStats
 
 SPEC = LayerSpec("conv2d", 9, 2, (1, 7))  # fan_in 14, full rank 9
@@ -232,3 +235,104 @@ def test_rank_selection_is_the_brute_force_optimum(price: float):
         assert chosen.rank == 9  # nothing to pay: the exact factorisation
     if price == 1.0:
         assert chosen.rank == 1
+
+
+# --- quantized factors ------------------------------------------------------------------------
+
+
+def test_quantized_factors_store_quant_bits_of_each_factor() -> None:
+    # per-row float16 scale and offset for bits >= 2, a scale alone for the scaled sign
+    out, fan_in, rank = 9, 14, 3
+    for bits, tables in ((4, 32), (3, 32), (1, 16)):
+        codes = -(-rank * fan_in * bits // 8) + -(-out * rank * bits // 8)
+        expected = 8 * codes + tables * (rank + out)
+        assert LowRank(rank, bits=bits).storage_bits(SPEC) == expected
+        assert LowRank(rank, "whitened", bits).storage_bits(SPEC) == expected
+
+
+def test_left_factor_is_the_least_squares_optimum_under_the_moment() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 14, generator=g, dtype=torch.float64)
+    v = torch.randn(3, 14, generator=g, dtype=torch.float64)
+    x = torch.randn(40, 14, generator=g, dtype=torch.float64)
+    moment = x.T @ x / 40 + 0.01 * torch.eye(14, dtype=torch.float64)
+    u = least_squares_left(w, v, moment)
+    # the normal equations of tr((W - U V) A (W - U V)') in U hold ...
+    torch.testing.assert_close((w - u @ v) @ moment @ v.T, torch.zeros(9, 3, dtype=torch.float64))
+    # ... and the whitened problem solved by lstsq gives the same U
+    root = torch.linalg.cholesky(moment)
+    reference = torch.linalg.lstsq((v @ root).T, (w @ root).T).solution.T
+    torch.testing.assert_close(u, reference)
+
+
+def _damped_error(layer, case, stats) -> float:
+    """tr(D (M + lam I) D') of a layer's weight against the case's float weight."""
+    _, lam = damped_cholesky(stats, DAMPING)
+    moment = stats.input_cov / stats.samples + lam * torch.eye(stats.input_cov.shape[0])
+    d = fold_weight_2d(dense_weight(layer).detach() - case.weight).double()
+    return float(((d @ moment) * d).sum())
+
+
+@pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
+def test_quantized_factors_approach_the_float_factors_as_bits_grow(spec: LayerSpec) -> None:
+    """8-bit factors lose little next to the float factors' (the truncation's) damped output
+    error; 2-bit factors lose more than 8-bit ones."""
+    case = calibrated_case(spec, seed=2)
+    stats = case.profile.inputs()
+    rank = max(1, min(spec.out_features, spec.fan_in) // 2)
+    error = {
+        bits: _damped_error(
+            LowRank(rank, "whitened", bits).compress(case.weight, case.bias, spec, case.profile),
+            case,
+            stats,
+        )
+        for bits in (None, 8, 2)
+    }
+    scale = _damped_error(
+        LowRank(1, "whitened").compress(case.weight, case.bias, spec, case.profile), case, stats
+    )
+    assert error[8] <= error[None] + 1e-3 * scale
+    assert error[2] > error[8]
+
+
+def test_quantized_factors_hold_the_re_solved_left_factor() -> None:
+    """Plain fit: V rounded to nearest, U the least squares for that V, then rounded: U's
+    codes are those of rounding the least-squares U (packed codes against the unpacked)."""
+    spec = SPECS["conv2d-dilated"]
+    case = calibrated_case(spec)
+    layer = LowRank(3, bits=4).compress(case.weight, case.bias, spec)
+    assert isinstance(layer, QuantizedLowRankLayer)
+    v_hat = layer.first.reconstruct().reshape(3, spec.fan_in).double()
+    w = fold_weight_2d(case.weight).double()
+    u = least_squares_left(w, v_hat, torch.eye(spec.fan_in, dtype=torch.float64))
+    rounded = Quant(4).project(u.float(), None, layer.second.spec)
+    assert torch.equal(layer.second.unpacked_codes(), rounded.unpacked_codes())
+    u_hat, v = layer.factors()
+    torch.testing.assert_close(dense_weight(layer), (u_hat @ v).view(spec.weight_shape))
+
+
+def test_quantized_factors_re_fit_and_select_keep_their_bits() -> None:
+    spec = SPECS["linear"]
+    case = calibrated_case(spec)
+    stats = case.profile.inputs()
+    scheme = LowRank(2, "whitened", 4)
+    refitted = scheme.refit(case.weight, case.bias, spec, stats)
+    compressed = scheme.compress(case.weight, case.bias, spec, case.profile)
+    assert torch.equal(dense_weight(refitted), dense_weight(compressed))
+    chosen = scheme.select(case.weight, spec, 1e-6)
+    assert (chosen.fit, chosen.bits) == ("whitened", 4)
+    assert isinstance(scheme.project(case.weight, case.bias, spec), QuantizedLowRankLayer)
+
+
+def test_quantized_factor_forms_and_hostile_bits() -> None:
+    assert LowRank(4, "whitened", 4).label() == "rank4-whitened-q4"
+    assert LowRank(4, bits=2).label() == "rank4-q2"
+    assert parse_scheme("rank:4:whitened:q4") == LowRank(4, "whitened", 4)
+    assert parse_scheme("rank:4:q3") == LowRank(4, bits=3)
+    for bits in (0, 9, True, 2.5):
+        with pytest.raises(ConfigError, match=r"LowRank\.bits must be an int in 1\.\.8"):
+            LowRank(4, bits=bits)
+    for text in ("rank:4:q0", "rank:4:qx", "rank:4:whitened:q4:q4", "rank:q4"):
+        with pytest.raises(ConfigError) as caught:
+            parse_scheme(text)
+        assert "\n" not in str(caught.value)

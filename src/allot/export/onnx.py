@@ -17,7 +17,8 @@ the stored form, so the operation that consumes it (Conv, MatMul, Gemm) is uncha
 - sparse (`Sparse`): the float32 values scattered (`ScatterElements`) at their positions, stored
   as int32 (ONNX has no packed index type: ~1.6-2x the artifact's packed positions);
 - low-rank (`LowRank`): the two factors as the layer runs them (two smaller operations, traced);
-  inside a sum, their product (`MatMul`);
+  inside a sum, their product (`MatMul`); quantized factors (`LowRank` with `bits`): each factor
+  dequantized as a quantized layer is, their product (`MatMul`) the layer's weight;
 - sums (`Sum`): the parts' weights added (`Sum`).
 Every other layer is exported as traced (float layers as they are).
 """
@@ -38,7 +39,7 @@ from allot.exceptions import ExportError
 from allot.files import atomic_write
 from allot.modules.base import CompressedLayer, build_float_layer
 from allot.modules.combo import SumLayer
-from allot.modules.lowrank import LowRankLayer
+from allot.modules.lowrank import LowRankLayer, QuantizedLowRankLayer
 from allot.modules.quant import FLOAT_OFFSET, SYMMETRIC, ZERO_POINT, QuantizedLayer
 from allot.modules.sparse import SparseLayer
 from allot.plan import Plan
@@ -191,6 +192,11 @@ class _Subgraphs:
                 "MatMul",
                 [self._float(f"{prefix}.u", module.u), self._float(f"{prefix}.v", module.v)],
             )
+        elif isinstance(module, QuantizedLowRankLayer):
+            u = self._quantized(module.second, f"{prefix}.second")
+            v = self._quantized(module.first, f"{prefix}.first")
+            v = self._node("Reshape", [v, self._shape((module.rank, module.spec.fan_in))])
+            flat = self._node("MatMul", [u, v])
         elif isinstance(module, SumLayer):
             parts = []
             for k, part in enumerate(module.parts):

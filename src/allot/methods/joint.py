@@ -11,6 +11,9 @@ owns it, with only candidates that store less than the float layer:
   per layer, 14 where a group of 128 divides a larger fan-in);
 - `rank`: the whitened truncated SVD (`LowRank(r, "whitened")`) at the ranks 1..break-even of
   `lowrank.break_even`, thinned to `PER_FAMILY`;
+- `qrank`: the same with its factors quantized to `FACTOR_BITS` bits
+  (`LowRank(r, "whitened", FACTOR_BITS)`: about 8 times the rank at the float factors' size) at
+  every rank that stores less than the float layer, thinned to `PER_FAMILY`;
 - `grouped`: ALDS's grouped SVD, every (groups, rank) of `alds.grouped_grid`, thinned to
   `PER_FAMILY`;
 - `sparse`: the largest magnitudes at the densities of `baselines.DENSITIES` (1%..100%),
@@ -18,7 +21,7 @@ owns it, with only candidates that store less than the float layer:
 - the sums (`Sum`): `quant+sparse` (steered per-channel `SUM_BITS` bits + `SUM_DENSITIES`),
   `rank+sparse` (whitened `SUM_RANKS` + `SUM_DENSITIES`), `quant+rank` (`SUM_BITS` +
   `SUM_RANKS`): 4 each, the low-storage corner of each pair, where a sum can beat its parts.
-Then `Keep`. At most 14 + 3 x 8 + 3 x 4 + 1 = 51 candidates per layer (each one fit and one
+Then `Keep`. At most 14 + 4 x 8 + 3 x 4 + 1 = 59 candidates per layer (each one fit and one
 measured pass over the calibration data). Thinning keeps the candidates nearest to `PER_FAMILY`
 storage levels spaced evenly on a log scale from the family's cheapest to its dearest
 (`spread`): budgets span ratios geometrically (8x to 32x), so an even spread in bits would leave
@@ -46,9 +49,20 @@ from allot.methods.cet import steered_quants
 from allot.methods.lowrank import break_even
 from allot.schemes import Grid, Keep, LowRank, Quant, Scheme, Sparse, Sum
 
-FAMILIES = ("quant", "rank", "grouped", "sparse", "quant+sparse", "rank+sparse", "quant+rank")
+FAMILIES = (
+    "quant",
+    "rank",
+    "qrank",
+    "grouped",
+    "sparse",
+    "quant+sparse",
+    "rank+sparse",
+    "quant+rank",
+)
 PER_FAMILY = 8
-"""Most candidates per layer of the thinned families (rank, grouped, sparse)."""
+"""Most candidates per layer of the thinned families (rank, qrank, grouped, sparse)."""
+FACTOR_BITS = 4
+"""Bits of each quantized low-rank factor (`qrank`)."""
 SUM_BITS = (1, 2)
 """Bits of the steered per-channel quantized part of a sum."""
 SUM_DENSITIES = (0.01, 0.03)
@@ -79,6 +93,11 @@ def _quant(layer: Layer) -> list[Scheme]:
 
 def _rank(layer: Layer) -> list[Scheme]:
     return [LowRank(r, "whitened") for r in range(1, break_even(layer.spec) + 1)]
+
+
+def _qrank(layer: Layer) -> list[Scheme]:
+    full = min(layer.spec.out_features, layer.spec.fan_in)
+    return [LowRank(r, "whitened", FACTOR_BITS) for r in range(1, full + 1)]
 
 
 def _grouped(layer: Layer) -> list[Scheme]:
@@ -116,13 +135,14 @@ def _quant_rank(layer: Layer) -> list[Scheme]:
 BUILDERS = {  # each family's full grid on a layer
     "quant": _quant,
     "rank": _rank,
+    "qrank": _qrank,
     "grouped": _grouped,
     "sparse": _sparse,
     "quant+sparse": _quant_sparse,
     "rank+sparse": _rank_sparse,
     "quant+rank": _quant_rank,
 }
-THINNED = ("rank", "grouped", "sparse")
+THINNED = ("rank", "qrank", "grouped", "sparse")
 
 
 def joint_grid(families: Collection[str] = FAMILIES) -> Grid:
@@ -152,7 +172,8 @@ def joint_grid(families: Collection[str] = FAMILIES) -> Grid:
 JOINT = register_method(
     Method(
         "joint",
-        "every family per layer (quantized, low-rank, grouped, sparse and their sums), one "
+        "every family per layer (quantized, low-rank with float or quantized factors, grouped, "
+        "sparse and their sums), one "
         "exact knapsack on the measured loss change of each candidate",
         joint_grid(),
         error_model="measured",

@@ -10,18 +10,20 @@ from allot.modules.base import (
 from allot.modules.codebook import CodebookLayer
 from allot.modules.combo import SumLayer
 from allot.modules.grouped import GroupedLayer
-from allot.modules.lowrank import LowRankLayer
+from allot.modules.lowrank import Bottleneck, LowRankLayer, QuantizedLowRankLayer
 from allot.modules.packing import pack, packed_nbytes, unpack
 from allot.modules.quant import QuantizedLayer
 from allot.modules.sparse import SparseLayer
 from allot.modules.ternary import TernaryLayer
 
 __all__ = [
+    "Bottleneck",
     "CodebookLayer",
     "CompressedLayer",
     "GroupedLayer",
     "LowRankLayer",
     "QuantizedLayer",
+    "QuantizedLowRankLayer",
     "SparseLayer",
     "SumLayer",
     "TernaryLayer",

@@ -28,7 +28,7 @@ from __future__ import annotations
 from torch import nn
 
 from allot.modules.base import CompressedLayer
-from allot.modules.lowrank import LowRankLayer
+from allot.modules.lowrank import Bottleneck
 from allot.runtime.kernels import kernel_for
 from allot.runtime.lowrank import FasterForm
 from allot.runtime.runner import CachedWeight, Runner
@@ -57,7 +57,7 @@ def prepare(model: nn.Module, *, kernels: bool = False, cache: bool = False) -> 
             runner = kernel_for(layer)
         if runner is None and cache and layer.rebuilds_weight:
             runner = CachedWeight()
-        elif runner is None and cache and isinstance(layer, LowRankLayer):
+        elif runner is None and cache and isinstance(layer, Bottleneck):
             runner = FasterForm()
         layer.runner = runner
     return describe(model)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from allot.modules.base import CompressedLayer
-from allot.modules.lowrank import LowRankLayer
+from allot.modules.lowrank import Bottleneck
 from allot.runtime.runner import Runner
 
 FACTORS = "factors"
@@ -44,7 +44,7 @@ def faster(factors: Sequence[float], dense: Sequence[float]) -> str:
 
 
 class FasterForm(Runner):
-    """Runs a `LowRankLayer` as its factors or as the dense product of them, whichever the first
+    """Runs a low-rank layer (`Bottleneck`: float or quantized factors) as its factors or as the dense product of them, whichever the first
     call with each input shape measured faster. `clock` (seconds) is what the timing reads.
 
     `forms` maps each input shape seen to the form chosen, `seconds` to the fastest call's seconds
@@ -67,7 +67,7 @@ class FasterForm(Runner):
         self.forms, self.seconds, self.weight = {}, {}, None
 
     def run(self, layer: CompressedLayer, x: Tensor) -> Tensor:
-        assert isinstance(layer, LowRankLayer)
+        assert isinstance(layer, Bottleneck)
         shape = tuple(x.shape)
         if shape not in self.forms:
             self.forms[shape] = self._choose(layer, x)
@@ -76,12 +76,12 @@ class FasterForm(Runner):
         self.ran_dense = self.forms[shape] == DENSE
         return self._dense(layer, x) if self.ran_dense else layer.factored(x)
 
-    def _dense(self, layer: LowRankLayer, x: Tensor) -> Tensor:
+    def _dense(self, layer: Bottleneck, x: Tensor) -> Tensor:
         if self.weight is None:
             self.weight = layer.reconstruct().detach().contiguous()
         return layer.spec.forward(x, self.weight, layer.bias)
 
-    def _choose(self, layer: LowRankLayer, x: Tensor) -> str:
+    def _choose(self, layer: Bottleneck, x: Tensor) -> str:
         """Time both forms on `x` in interleaved rounds; record the fastest calls, return the
         faster form."""
         forms: dict[str, Callable[[], Tensor]] = {

@@ -13,6 +13,18 @@ rank r stores 32 r (out + fan_in) bits):
   and no rank-r matrix has a smaller one. lam is `DAMPING` times the mean diagonal of M, as in
   steering and error feedback, so a whitened re-fit to feedback's target under the compressed
   model's inputs (`refit`) minimises feedback's objective exactly over all rank-r weights.
+
+With `bits`, the factors are stored quantized (`QuantizedLowRankLayer`: each factor `bits`-bit
+codes on the default grid with per-row float16 tables, as `Quant(bits)` stores a layer), so a
+layer of rank r stores Quant(bits)'s bits of a (r, fan_in) and of an (out, r) weight: about
+`bits / 32` of the float factors, for r times `32 / bits` more rank at the same size. Fitted in
+three steps from the float factors U V of the fit above:
+1. V quantized: steered under the layer's input second moment M (whitened fit; round-to-nearest
+   for the plain fit and LC's C step);
+2. U re-solved for the quantized V^: the least-squares U = W A V^' (V^ A V^')^-1, with
+   A = M + lam I (whitened) or I (plain), minimises the fit's own error tr(D A D') over U;
+3. U quantized: steered under the second moment V^ M V^' of the bottleneck's channels (the
+   inputs U sees), or round-to-nearest.
 """
 
 from __future__ import annotations
@@ -27,15 +39,22 @@ from torch import Tensor, nn
 from allot.discover import LayerSpec, fold_weight_2d
 from allot.exceptions import ConfigError
 from allot.modules.base import check_layer_tensors
-from allot.modules.lowrank import LowRankLayer
+from allot.modules.lowrank import (
+    Bottleneck,
+    LowRankLayer,
+    QuantizedLowRankLayer,
+    first_spec,
+    second_spec,
+)
 from allot.profile.activations import damped_cholesky
 from allot.profile.cache import Fingerprint
 from allot.schemes.base import Scheme, check_int_field, fitted_inputs, register_scheme
+from allot.schemes.quant import MAX_BITS, Quant
 from allot.schemes.steer import DAMPING
+from allot.stats import LayerStats
 
 if TYPE_CHECKING:
     from allot.profile.engine import LayerProfile
-    from allot.stats import LayerStats
 
 FITS = ("plain", "whitened")
 REMEMBERED = 2
@@ -111,19 +130,29 @@ class Whitened:
 class LowRank(Scheme):
     """Rank-`rank` factorisation W ~= U V run as a bottleneck of `rank` channels; `rank:8`
     (plain truncated SVD) or `rank:8:whitened` (activation-whitened SVD, needs the layer's
-    profile)."""
+    profile); `bits` stores the factors quantized (`rank:32:whitened:q4`)."""
 
     kind: ClassVar[str] = "rank"
     rank: int
     fit: str = "plain"
+    bits: int | None = None
 
     def __post_init__(self) -> None:
         check_int_field("LowRank", "rank", self.rank, 1)
         if self.fit not in FITS:
             raise ConfigError(f"LowRank.fit must be one of {FITS}, got {self.fit!r:.40}")
+        if self.bits is not None:
+            check_int_field("LowRank", "bits", self.bits, 1, MAX_BITS)
 
     def label(self) -> str:
-        return f"rank{self.rank}" + ("-whitened" if self.fit == "whitened" else "")
+        fit = "-whitened" if self.fit == "whitened" else ""
+        bits = "" if self.bits is None else f"-q{self.bits}"
+        return f"rank{self.rank}{fit}{bits}"
+
+    @property
+    def kinds(self) -> str:
+        """`rank` for float factors, `qrank` for quantized ones."""
+        return "rank" if self.bits is None else "qrank"
 
     def check(self, spec: LayerSpec) -> None:
         full = min(spec.out_features, spec.fan_in)
@@ -135,7 +164,12 @@ class LowRank(Scheme):
 
     def storage_bits(self, spec: LayerSpec) -> int:
         self.check(spec)
-        return 32 * self.rank * (spec.out_features + spec.fan_in)
+        if self.bits is None:
+            return 32 * self.rank * (spec.out_features + spec.fan_in)
+        quant = Quant(self.bits)
+        return quant.storage_bits(first_spec(spec, self.rank)) + quant.storage_bits(
+            second_spec(spec, self.rank)
+        )
 
     def compress(
         self,
@@ -143,7 +177,7 @@ class LowRank(Scheme):
         bias: Tensor | None,
         spec: LayerSpec,
         profile: LayerProfile | None = None,
-    ) -> LowRankLayer:
+    ) -> Bottleneck:
         if self.fit == "plain":
             return self.project(weight, bias, spec)
         check_layer_tensors(spec, weight, bias)
@@ -158,13 +192,17 @@ class LowRank(Scheme):
         bias: Tensor | None,
         spec: LayerSpec,
         previous: nn.Module | None = None,
-    ) -> LowRankLayer:
+    ) -> Bottleneck:
         """LC's C step: the truncated SVD of `target`, the rank-`rank` weight nearest to it in
-        the plain squared error, whichever fit (plain or whitened) the scheme compresses with."""
+        the plain squared error, whichever fit (plain or whitened) the scheme compresses with;
+        quantized factors rounded to nearest, U re-solved for the rounded V in between."""
         check_layer_tensors(spec, target, bias)
         self.check(spec)
-        u, v = svd_factors(fold_weight_2d(target), self.rank)
-        return LowRankLayer.from_factors(spec, u, v, bias)
+        w = fold_weight_2d(target)
+        u, v = svd_factors(w, self.rank)
+        if self.bits is None:
+            return LowRankLayer.from_factors(spec, u, v, bias)
+        return self._quantized(w, v, spec, bias, None)
 
     @property
     def refits(self) -> bool:
@@ -173,35 +211,89 @@ class LowRank(Scheme):
 
     def refit(
         self, target: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats
-    ) -> LowRankLayer:
-        """The whitened rank-`rank` truncation of `target` under the input statistics `stats`."""
+    ) -> Bottleneck:
+        """The whitened rank-`rank` truncation of `target` under the input statistics `stats`
+        (its factors quantized under them, with `bits`)."""
         if not self.refits:
             return super().refit(target, bias, spec, stats)
         check_layer_tensors(spec, target, bias)
         self.check(spec)
-        u, v = Whitened.of(fold_weight_2d(target), stats).factors(self.rank)
-        return LowRankLayer.from_factors(spec, u, v, bias)
+        w = fold_weight_2d(target)
+        u, v = Whitened.of(w, stats).factors(self.rank)
+        if self.bits is None:
+            return LowRankLayer.from_factors(spec, u, v, bias)
+        return self._quantized(w, v, spec, bias, stats)
+
+    def _quantized(
+        self,
+        weight_2d: Tensor,
+        v: Tensor,
+        spec: LayerSpec,
+        bias: Tensor | None,
+        stats: LayerStats | None,
+    ) -> QuantizedLowRankLayer:
+        """The module docstring's three steps from the float factor `v`: steered under `stats`,
+        or round-to-nearest and the plain least squares when `stats` is None."""
+        assert self.bits is not None
+        quant = Quant(self.bits, rounding="nearest" if stats is None else "steered")
+        first = first_spec(spec, self.rank)
+        v_weight = v.to(torch.float32).reshape(first.weight_shape)
+        if stats is None:
+            v_q = quant.project(v_weight, None, first)
+        else:
+            v_q = quant.fit_steered(v_weight, None, first, stats)
+        v_hat = v_q.reconstruct().reshape(self.rank, spec.fan_in).double()
+        w = weight_2d.detach().double()
+        if stats is None:
+            moment = torch.eye(spec.fan_in, dtype=torch.float64, device=w.device)
+        else:
+            cholesky, _ = damped_cholesky(stats, DAMPING)
+            moment = cholesky @ cholesky.T
+        u = least_squares_left(w, v_hat, moment)
+        second = second_spec(spec, self.rank)
+        u_weight = u.to(torch.float32)
+        if stats is None:
+            u_q = quant.project(u_weight, None, second)
+        else:
+            hidden = v_hat @ stats.input_cov.double() @ v_hat.T
+            u_q = quant.fit_steered(u_weight, None, second, LayerStats(hidden, stats.samples))
+        return QuantizedLowRankLayer.from_parts(spec, v_q, u_q, bias)
 
     def select(self, target: Tensor, spec: LayerSpec, price: float) -> LowRank:
         """LC's rank selection: the rank r in 1..min(out, fan_in) minimising
         |target - U V|^2 + price * storage_bits(rank r), with U V the best rank-r factors (the
-        error is the sum of the discarded squared singular values; ties go to the lower rank)."""
+        error is the sum of the discarded squared singular values, of the float factors also
+        for quantized ones; ties go to the lower rank). The fit and bits stay this scheme's."""
         check_layer_tensors(spec.with_channels(bias=False), target, None)
         s = torch.linalg.svdvals(fold_weight_2d(target).detach().to(torch.float64))
         discarded = s.pow(2).flip(0).cumsum(0).flip(0)  # discarded[r] = sum_{i >= r} s_i^2
-        ranks = range(1, s.numel() + 1)
-        errors = [float(discarded[r]) if r < s.numel() else 0.0 for r in ranks]
-        objective = [
-            e + price * LowRank(r).storage_bits(spec) for e, r in zip(errors, ranks, strict=True)
-        ]
-        return LowRank(1 + min(range(len(objective)), key=objective.__getitem__))
+        members = [dataclasses.replace(self, rank=r) for r in range(1, s.numel() + 1)]
+        errors = [float(discarded[m.rank]) if m.rank < s.numel() else 0.0 for m in members]
+        objective = [e + price * m.storage_bits(spec) for e, m in zip(errors, members, strict=True)]
+        return members[min(range(len(objective)), key=objective.__getitem__)]
 
-    def empty(self, spec: LayerSpec) -> LowRankLayer:
+    def empty(self, spec: LayerSpec) -> Bottleneck:
         self.check(spec)
-        return LowRankLayer(spec, self.rank)
+        if self.bits is None:
+            return LowRankLayer(spec, self.rank)
+        return QuantizedLowRankLayer(spec, self.rank, self.bits)
 
     @classmethod
     def parse_args(cls, args: list[str]) -> LowRank:
+        usage = "expected rank:RANK[:whitened][:qBITS], e.g. rank:8:whitened or rank:32:q4"
+        bits = None
+        if len(args) > 1 and args[-1].startswith("q"):
+            bits = int(args[-1][1:])
+            args = args[:-1]
         if len(args) not in (1, 2) or (len(args) == 2 and args[1] not in FITS):
-            raise ValueError("expected rank:RANK or rank:RANK:whitened, e.g. rank:8:whitened")
-        return cls(int(args[0]), *args[1:])
+            raise ValueError(usage)
+        return cls(int(args[0]), args[1] if len(args) == 2 else "plain", bits)
+
+
+def least_squares_left(weight_2d: Tensor, v: Tensor, moment: Tensor) -> Tensor:
+    """The U (out, rank) minimising tr((W - U V) A (W - U V)') for a positive definite A
+    (`moment`, (fan_in, fan_in)): U = W A V' (V A V')^-1, float64 (a V of dependent rows gets
+    the least-norm solution)."""
+    av = moment @ v.T  # (fan_in, rank)
+    gram = v @ av  # (rank, rank)
+    return torch.linalg.lstsq(gram, (weight_2d @ av).T).solution.T

@@ -58,6 +58,8 @@ EXAMPLES: list[tuple[str, Scheme]] = [
     ("grouped:2:2", Grouped(2, 2)),  # 2 and 4 divide every case's input channels
     ("grouped:4:1", Grouped(4, 1)),
     ("grouped:2:2:whitened", Grouped(2, 2, "whitened")),
+    ("grouped:2:2:q4", Grouped(2, 2, bits=4)),
+    ("grouped:2:1:whitened:q3", Grouped(2, 1, "whitened", 3)),
     ("sparse:0.05", Sparse(0.05)),
     ("sparse:1", Sparse(1.0)),
     ("sparse:0.2:l1=0.5", Sparse(0.2, 0.5)),

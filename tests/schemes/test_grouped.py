@@ -3,7 +3,8 @@ rank-j fit, the error lies between the reference code's proxy and the paper's bo
 layer of the benchmark models too), storage and MACs are what the two operations hold and do.
 The whitened fit: its reported output error is the measured one, k = 1 is LowRank's whitened fit,
 its sweeps never raise the error and converge to a stationary point (autograd), it lies between
-the whitened rank-k j truncation and the plain grouped fit, and its plans round-trip."""
+the whitened rank-k j truncation and the plain grouped fit, and its plans round-trip. Quantized
+factors: storage, one group is quantized LowRank, U re-solved for the block-diagonal V."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from allot.errors import spectral_norm
 from allot.evaluate import macs
 from allot.exceptions import ConfigError
 from allot.modules.base import build_float_layer, dense_weight
-from allot.modules.grouped import GroupedLayer
+from allot.modules.grouped import GroupedLayer, QuantizedGroupedLayer
 from allot.plan import LayerPlan, Plan
-from allot.schemes import Grouped, LowRank, parse_scheme
+from allot.schemes import Grouped, LowRank, Quant, parse_scheme
 from allot.schemes.grouped import (
     SWEEPS,
     TOLERANCE,
@@ -32,7 +33,7 @@ from allot.schemes.grouped import (
     _whitenings,
     divisors,
 )
-from allot.schemes.lowrank import Whitened
+from allot.schemes.lowrank import Whitened, least_squares_left
 from allot.stats import LayerStats
 from allot.zoo import create_model
 
@@ -403,3 +404,59 @@ def test_whitened_forms_labels_and_plans() -> None:
     old = plan.to_json()
     old["layers"][0]["scheme"] = {"kind": "grouped", "groups": 3, "rank": 8}
     assert Plan.from_json(old).layers[0].scheme == Grouped(3, 8, "plain")
+
+
+# --- quantized factors ------------------------------------------------------------------------
+
+
+def test_quantized_factors_store_quant_bits_of_the_stacked_v_and_of_u() -> None:
+    spec = LayerSpec("conv2d", 6, 4, (3, 3))  # fan_in 36, 2 groups of 18
+    groups, rank, bits = 2, 3, 4
+    width = groups * rank
+    codes = -(-width * 18 * bits // 8) + -(-6 * width * bits // 8)
+    scheme = Grouped(groups, rank, bits=bits)
+    assert scheme.storage_bits(spec) == 8 * codes + 32 * (width + 6)
+    assert scheme.storage_bits(spec) < Grouped(groups, rank).storage_bits(spec) / 4
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_one_quantized_group_is_quantized_low_rank(name: str) -> None:
+    spec = SPECS[name]
+    case = calibrated_case(spec, seed=4)
+    rank = max(1, min(spec.out_features, spec.fan_in) // 2)
+    for fit, profile in (("plain", None), ("whitened", case.profile)):
+        grouped = Grouped(1, rank, fit, 3).compress(case.weight, case.bias, spec, profile)
+        factored = LowRank(rank, fit, 3).compress(case.weight, case.bias, spec, profile)
+        torch.testing.assert_close(dense_weight(grouped), dense_weight(factored))
+
+
+def test_quantized_grouped_u_is_re_solved_for_the_block_diagonal_v() -> None:
+    """Plain fit in 2 groups: U's codes are those of rounding the least-squares U for the
+    rounded, block-diagonal V (packed codes against the unpacked)."""
+    spec = LayerSpec("conv2d", 6, 4, (3, 3))
+    case = make_case(spec, seed=5)
+    layer = Grouped(2, 2, bits=4).compress(case.weight, case.bias, spec)
+    assert isinstance(layer, QuantizedGroupedLayer)
+    v_hat = layer.first.reconstruct().reshape(4, 18).double()
+    expanded = torch.block_diag(*v_hat.chunk(2))
+    w = fold_weight_2d(case.weight).double()
+    u = least_squares_left(w, expanded, torch.eye(36, dtype=torch.float64))
+    rounded = Quant(4).project(u.float(), None, layer.second.spec)
+    assert torch.equal(layer.second.unpacked_codes(), rounded.unpacked_codes())
+    u_hat, _ = layer.factors()
+    product = u_hat.double() @ expanded
+    torch.testing.assert_close(
+        fold_weight_2d(dense_weight(layer)).double(), product, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_quantized_grouped_forms_and_hostile_bits() -> None:
+    assert Grouped(2, 3, "whitened", 4).label() == "grouped2r3-whitened-q4"
+    assert parse_scheme("grouped:2:3:q2") == Grouped(2, 3, bits=2)
+    assert Grouped(2, 3, bits=2).kinds == "qgrouped" and Grouped(2, 3).kinds == "grouped"
+    assert Grouped(2, 3, bits=2).error_bound(torch.randn(6, 4, 3, 3)) is None
+    for bits in (0, 9, False):
+        with pytest.raises(ConfigError, match=r"Grouped\.bits must be an int in 1\.\.8"):
+            Grouped(2, 3, bits=bits)
+    with pytest.raises(ConfigError):
+        parse_scheme("grouped:2:3:q")

@@ -9,7 +9,7 @@ from allot.modules.base import (
 )
 from allot.modules.codebook import CodebookLayer
 from allot.modules.combo import SumLayer
-from allot.modules.grouped import GroupedLayer
+from allot.modules.grouped import GroupedLayer, QuantizedGroupedLayer
 from allot.modules.lowrank import Bottleneck, LowRankLayer, QuantizedLowRankLayer
 from allot.modules.packing import pack, packed_nbytes, unpack
 from allot.modules.quant import QuantizedLayer
@@ -22,6 +22,7 @@ __all__ = [
     "CompressedLayer",
     "GroupedLayer",
     "LowRankLayer",
+    "QuantizedGroupedLayer",
     "QuantizedLayer",
     "QuantizedLowRankLayer",
     "SparseLayer",

@@ -1,4 +1,4 @@
-"""Grouped low-rank layer (ALDS): the input channels split into `groups` consecutive groups, each
+"""Grouped low-rank layers (ALDS): the input channels split into `groups` consecutive groups, each
 group's weight a rank-`rank` product, run as a grouped operation followed by a pointwise one.
 
 With the weight folded to 2-D and its columns split by input channel group,
@@ -6,12 +6,18 @@ W ~= [U_1 V_1, ..., U_k V_k]: U_i is (out, rank), V_i is (rank, in/k * kernel vo
 runs all V_i at once as a grouped convolution (k groups, `rank` outputs each, the layer's kernel,
 stride, padding and dilation; for a Linear layer the block-diagonal product), giving k * rank
 channels without bias, then [U_1 ... U_k] as a pointwise operation (1x1 convolution or Linear) from
-k * rank to `out` channels with the bias. Stored tensors: `u` (out, k * rank) and `v`
-(k * rank, in/k * kernel volume), float32 parameters (trainable). k = 1 is `LowRankLayer`'s
-factorisation, run the same way.
+k * rank to `out` channels with the bias. k = 1 is `LowRankLayer`'s factorisation, run the same
+way. Two layers store the factors `u` (out, k * rank) and `v` (k * rank, in/k * kernel volume)
+differently:
+- `GroupedLayer`: float32 parameters (trainable);
+- `QuantizedGroupedLayer`: each a `QuantizedLayer` with per-row scales (`first`: V, of the
+  layer's kind with k * rank outputs and in/k input channels; `second`: U, a Linear), under
+  `first.` and `second.`; the factors are dequantized on each call.
 """
 
 from __future__ import annotations
+
+import abc
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +26,21 @@ from torch import Tensor, nn
 from allot.discover import LayerSpec
 from allot.exceptions import ConfigError
 from allot.modules.base import CompressedLayer, stored_copy
+from allot.modules.lowrank import QuantizedFactors, second_spec
+from allot.modules.quant import QuantizedLayer
 
 
-class GroupedLayer(CompressedLayer):
-    """A layer whose folded weight is `[u_1 v_1, ..., u_k v_k]` over k input-channel groups."""
+def grouped_first_spec(spec: LayerSpec, groups: int, rank: int) -> LayerSpec:
+    """The stacked first factors V as one layer: the layer's kind and kernel, `groups * rank`
+    outputs, in / `groups` input channels (fan_in / groups), no bias."""
+    return spec.with_channels(
+        out_features=groups * rank, in_features=spec.in_features // groups, bias=False
+    )
+
+
+class GroupedBottleneck(CompressedLayer):
+    """A layer whose folded weight is `[u_1 v_1, ..., u_k v_k]` over k input-channel groups;
+    subclasses say how the factors are stored (`factors`)."""
 
     def __init__(self, spec: LayerSpec, groups: int, rank: int, bias: Tensor | None = None) -> None:
         super().__init__(spec, bias)
@@ -34,9 +51,50 @@ class GroupedLayer(CompressedLayer):
         self.groups = groups
         self.rank = rank
         self.group_fan_in = spec.fan_in // groups
+        self._pointwise = spec.with_channels(in_features=groups * rank, pointwise=True)
+
+    @abc.abstractmethod
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """The float32 factors u (out, groups * rank) and v (groups * rank, fan_in / groups)."""
+        ...
+
+    def macs(self, output: Tensor) -> int:
+        """Both operations: `groups * rank * fan_in / groups` then `out * groups * rank` MACs
+        per output position."""
+        positions = output.numel() // self.spec.out_features
+        width = self.groups * self.rank
+        return positions * width * (self.group_fan_in + self.spec.out_features)
+
+    def reconstruct(self) -> Tensor:
+        k, j, s = self.groups, self.rank, self.spec
+        u, v = self.factors()
+        blocks = torch.einsum("okj,kjm->okm", u.view(s.out_features, k, j), v.view(k, j, -1))
+        return blocks.reshape(s.weight_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s, k = self.spec, self.groups
+        u, v = self.factors()
+        if s.kind == "linear":
+            parts = x.unflatten(-1, (k, s.in_features // k))
+            hidden = torch.einsum("...km,kjm->...kj", parts, v.view(k, self.rank, -1))
+            hidden = hidden.flatten(-2)
+        else:
+            conv = F.conv1d if s.kind == "conv1d" else F.conv2d
+            weight = v.view(k * self.rank, s.in_features // k, *s.kernel_size)
+            hidden = conv(x, weight, None, s.stride, s.padding, s.dilation, k)
+        return self._pointwise.forward(hidden, u.view(self._pointwise.weight_shape), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, groups={self.groups}, rank={self.rank}"
+
+
+class GroupedLayer(GroupedBottleneck):
+    """Grouped factors stored as float32 parameters `u` and `v`."""
+
+    def __init__(self, spec: LayerSpec, groups: int, rank: int, bias: Tensor | None = None) -> None:
+        super().__init__(spec, groups, rank, bias)
         self.u = nn.Parameter(torch.zeros(spec.out_features, groups * rank))
         self.v = nn.Parameter(torch.zeros(groups * rank, self.group_fan_in))
-        self._pointwise = spec.with_channels(in_features=groups * rank, pointwise=True)
 
     @classmethod
     def from_factors(
@@ -59,34 +117,49 @@ class GroupedLayer(CompressedLayer):
         layer.v = nn.Parameter(stored_copy(v))
         return layer
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.u, self.v
+
     def weight_parameter_count(self) -> int:
         return self.u.numel() + self.v.numel()
 
-    def macs(self, output: Tensor) -> int:
-        """Both operations: `groups * rank * fan_in / groups` then `out * groups * rank` MACs
-        per output position."""
-        positions = output.numel() // self.spec.out_features
-        width = self.groups * self.rank
-        return positions * width * (self.group_fan_in + self.spec.out_features)
 
-    def reconstruct(self) -> Tensor:
-        k, j, s = self.groups, self.rank, self.spec
-        blocks = torch.einsum(
-            "okj,kjm->okm", self.u.view(s.out_features, k, j), self.v.view(k, j, -1)
-        )
-        return blocks.reshape(s.weight_shape)
+class QuantizedGroupedLayer(QuantizedFactors, GroupedBottleneck):
+    """Grouped factors stored quantized: `first` holds the stacked V (`grouped_first_spec`),
+    `second` holds U (a Linear from groups * rank to out), each a `QuantizedLayer` of `bits` bits
+    with per-row scales."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        s, k = self.spec, self.groups
-        if s.kind == "linear":
-            parts = x.unflatten(-1, (k, s.in_features // k))
-            hidden = torch.einsum("...km,kjm->...kj", parts, self.v.view(k, self.rank, -1))
-            hidden = hidden.flatten(-2)
-        else:
-            conv = F.conv1d if s.kind == "conv1d" else F.conv2d
-            weight = self.v.view(k * self.rank, s.in_features // k, *s.kernel_size)
-            hidden = conv(x, weight, None, s.stride, s.padding, s.dilation, k)
-        return self._pointwise.forward(hidden, self.u.view(self._pointwise.weight_shape), self.bias)
+    def __init__(
+        self, spec: LayerSpec, groups: int, rank: int, bits: int, bias: Tensor | None = None
+    ) -> None:
+        super().__init__(spec, groups, rank, bias)
+        self.first = QuantizedLayer(grouped_first_spec(spec, groups, rank), bits)
+        self.second = QuantizedLayer(second_spec(spec, groups * rank), bits)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, groups={self.groups}, rank={self.rank}"
+    @classmethod
+    def from_parts(
+        cls,
+        spec: LayerSpec,
+        groups: int,
+        first: QuantizedLayer,
+        second: QuantizedLayer,
+        bias: Tensor | None = None,
+    ) -> QuantizedGroupedLayer:
+        """Build from the quantized factors: `first` of `grouped_first_spec(spec, groups, rank)`,
+        `second` of `second_spec(spec, groups * rank)`, the same bits, per-row scales."""
+        rank = first.spec.out_features // max(groups, 1)
+        if first.spec != grouped_first_spec(spec, groups, rank) or second.spec != second_spec(
+            spec, groups * rank
+        ):
+            raise ConfigError(
+                f"quantized factors of specs {first.spec} and {second.spec} do not factor a layer "
+                f"of {spec} in {groups} groups"
+            )
+        layer = cls(spec, groups, rank, first.bits, bias)
+        layer.check_quantized(first, second)
+        layer.first, layer.second = first, second
+        return layer
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        v = self.first.reconstruct().view(self.groups * self.rank, self.group_fan_in)
+        return self.second.reconstruct(), v

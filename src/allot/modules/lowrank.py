@@ -131,14 +131,42 @@ class LowRankLayer(Bottleneck):
         return self.u.numel() + self.v.numel()
 
 
-class QuantizedLowRankLayer(Bottleneck):
+class QuantizedFactors(CompressedLayer):
+    """What the layers with quantized factors share: `first` and `second`, two `QuantizedLayer`s
+    of the same bits with per-row scales, whose weights are the factors."""
+
+    first: QuantizedLayer
+    second: QuantizedLayer
+
+    def check_quantized(self, first: QuantizedLayer, second: QuantizedLayer) -> None:
+        """`ConfigError` unless `first` and `second` are of `bits` bits with per-row scales."""
+        bits = {first.bits, second.bits}
+        if len(bits) > 1 or first.group is not None or second.group is not None:
+            raise ConfigError("both quantized factors need the same bits and per-row scales")
+
+    def check_state(self) -> None:
+        """The factors' own checks (and the bias's finiteness)."""
+        super().check_state()
+        for name in ("first", "second"):
+            try:
+                getattr(self, name).check_state()
+            except ConfigError as exc:
+                raise ConfigError(f"{name}.{exc}") from exc
+
+    def weight_parameter_count(self) -> int:
+        return self.first.weight_parameter_count() + self.second.weight_parameter_count()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.first.bits}"
+
+
+class QuantizedLowRankLayer(QuantizedFactors, Bottleneck):
     """A bottleneck whose factors are stored quantized: `first` holds V (the layer's operation
     into `rank` channels), `second` holds U (a Linear from `rank` to `out`), each a
     `QuantizedLayer` of `bits` bits with per-row scales."""
 
     def __init__(self, spec: LayerSpec, rank: int, bits: int, bias: Tensor | None = None) -> None:
         super().__init__(spec, rank, bias)
-        self.bits = bits
         self.first = QuantizedLayer(first_spec(spec, rank), bits)
         self.second = QuantizedLayer(second_spec(spec, rank), bits)
 
@@ -158,27 +186,11 @@ class QuantizedLowRankLayer(Bottleneck):
                 f"quantized factors of specs {first.spec} and {second.spec} do not factor a layer "
                 f"of {spec}"
             )
-        if first.bits != second.bits or first.group is not None or second.group is not None:
-            raise ConfigError("both quantized factors need the same bits and per-row scales")
         layer = cls(spec, rank, first.bits, bias)
+        layer.check_quantized(first, second)
         layer.first, layer.second = first, second
         return layer
 
     def factors(self) -> tuple[Tensor, Tensor]:
         v = self.first.reconstruct().view(self.rank, self.spec.fan_in)
         return self.second.reconstruct(), v
-
-    def check_state(self) -> None:
-        """The factors' own checks (and the bias's finiteness)."""
-        super().check_state()
-        for name in ("first", "second"):
-            try:
-                getattr(self, name).check_state()
-            except ConfigError as exc:
-                raise ConfigError(f"{name}.{exc}") from exc
-
-    def weight_parameter_count(self) -> int:
-        return self.first.weight_parameter_count() + self.second.weight_parameter_count()
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}"

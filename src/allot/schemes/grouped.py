@@ -8,6 +8,8 @@ volume) is replaced by its best rank-j approximation U_i V_i (Eckart-Young), sto
 U_i sqrt(S_i) and sqrt(S_i) V_i' (`GroupedLayer`).
 
 Storage of a layer in bits: 32 * j * (out * k + c * kernel volume). k = 1 is plain `LowRank(j)`.
+With `bits`, the factors are stored quantized as `LowRank`'s are (`lowrank.quantize_factors`):
+V's rows steered under their group's block of M, U re-solved for them and steered.
 
 Error (ALDS, Theorem 1): the residual is [W_1 - U_1 V_1, ..., W_k - U_k V_k], whose blocks have
 operator norms sigma_{j+1}(W_i), so
@@ -39,11 +41,18 @@ from torch import Tensor, nn
 from allot.discover import LayerSpec, fold_weight_2d
 from allot.exceptions import ConfigError
 from allot.modules.base import check_layer_tensors
-from allot.modules.grouped import GroupedLayer
+from allot.modules.grouped import (
+    GroupedBottleneck,
+    GroupedLayer,
+    QuantizedGroupedLayer,
+    grouped_first_spec,
+)
+from allot.modules.lowrank import second_spec
 from allot.profile.activations import damped_cholesky
 from allot.profile.cache import Fingerprint
 from allot.schemes.base import Scheme, check_int_field, fitted_inputs, register_scheme
-from allot.schemes.lowrank import Whitened, svd_factors
+from allot.schemes.lowrank import Whitened, quantize_factors, svd_factors
+from allot.schemes.quant import MAX_BITS, Quant
 from allot.schemes.steer import DAMPING
 
 if TYPE_CHECKING:
@@ -79,18 +88,27 @@ def group_blocks(weight: Tensor, groups: int) -> list[Tensor]:
 class Grouped(Scheme):
     """Rank-`rank` fit of each of `groups` input-channel groups, run as a grouped operation then
     a pointwise one; `grouped:3:8` (3 groups, rank 8, each group's plain SVD: ALDS) or
-    `grouped:3:8:whitened` (fitted to the layer's calibration inputs, needs its profile)."""
+    `grouped:3:8:whitened` (fitted to the layer's calibration inputs, needs its profile);
+    `bits` stores the factors quantized (`grouped:3:8:whitened:q4`, as `LowRank`'s)."""
 
     kind: ClassVar[str] = "grouped"
     groups: int
     rank: int
     fit: str = "plain"
+    bits: int | None = None
 
     def __post_init__(self) -> None:
         check_int_field("Grouped", "groups", self.groups, 1)
         check_int_field("Grouped", "rank", self.rank, 1)
         if self.fit not in FITS:
             raise ConfigError(f"Grouped.fit must be one of {FITS}, got {self.fit!r:.40}")
+        if self.bits is not None:
+            check_int_field("Grouped", "bits", self.bits, 1, MAX_BITS)
+
+    @property
+    def kinds(self) -> str:
+        """`grouped` for float factors, `qgrouped` for quantized ones."""
+        return "grouped" if self.bits is None else "qgrouped"
 
     @property
     def family(self) -> int:
@@ -98,7 +116,8 @@ class Grouped(Scheme):
 
     def label(self) -> str:
         suffix = "-whitened" if self.fit == "whitened" else ""
-        return f"grouped{self.groups}r{self.rank}{suffix}"
+        bits = "" if self.bits is None else f"-q{self.bits}"
+        return f"grouped{self.groups}r{self.rank}{suffix}{bits}"
 
     def full_rank(self, spec: LayerSpec) -> int:
         """The largest rank of one group's block: min(out, in / groups * kernel volume)."""
@@ -120,7 +139,34 @@ class Grouped(Scheme):
 
     def storage_bits(self, spec: LayerSpec) -> int:
         self.check(spec)
-        return 32 * self.rank * (spec.out_features * self.groups + spec.fan_in)
+        if self.bits is None:
+            return 32 * self.rank * (spec.out_features * self.groups + spec.fan_in)
+        quant = Quant(self.bits)
+        first, second = self._factor_specs(spec)
+        return quant.storage_bits(first) + quant.storage_bits(second)
+
+    def _factor_specs(self, spec: LayerSpec) -> tuple[LayerSpec, LayerSpec]:
+        """The quantized factors' layers: the stacked V, then U."""
+        width = self.groups * self.rank
+        return grouped_first_spec(spec, self.groups, self.rank), second_spec(spec, width)
+
+    def _stored(
+        self,
+        target: Tensor,
+        u: Tensor,
+        v: Tensor,
+        spec: LayerSpec,
+        bias: Tensor | None,
+        stats: LayerStats | None,
+    ) -> GroupedBottleneck:
+        """The fitted float factors as stored: float32, or with `bits` quantized
+        (`lowrank.quantize_factors`: steered under `stats`, or rounded to nearest)."""
+        if self.bits is None:
+            return GroupedLayer.from_factors(spec, u, v, self.groups, bias)
+        first, second = quantize_factors(
+            fold_weight_2d(target), v, self.groups, self.bits, stats, *self._factor_specs(spec)
+        )
+        return QuantizedGroupedLayer.from_parts(spec, self.groups, first, second, bias)
 
     def compress(
         self,
@@ -128,7 +174,7 @@ class Grouped(Scheme):
         bias: Tensor | None,
         spec: LayerSpec,
         profile: LayerProfile | None = None,
-    ) -> GroupedLayer:
+    ) -> GroupedBottleneck:
         if self.fit == "plain":
             return self.project(weight, bias, spec)
         return self.refit(
@@ -141,15 +187,16 @@ class Grouped(Scheme):
         bias: Tensor | None,
         spec: LayerSpec,
         previous: nn.Module | None = None,
-    ) -> GroupedLayer:
+    ) -> GroupedBottleneck:
         """The plain fit (each group's truncated SVD, the grouped weight nearest to `target` in
-        the plain squared error), whichever fit the scheme compresses with: LC's C step."""
+        the plain squared error), whichever fit the scheme compresses with: LC's C step
+        (quantized factors rounded to nearest, U re-solved in between)."""
         check_layer_tensors(spec, target, bias)
         self.check(spec)
         factors = [svd_factors(block, self.rank) for block in group_blocks(target, self.groups)]
         u = torch.cat([u for u, _ in factors], dim=1)
         v = torch.cat([v for _, v in factors], dim=0)
-        return GroupedLayer.from_factors(spec, u, v, self.groups, bias)
+        return self._stored(target, u, v, spec, bias, None)
 
     @property
     def refits(self) -> bool:
@@ -158,28 +205,30 @@ class Grouped(Scheme):
 
     def refit(
         self, target: Tensor, bias: Tensor | None, spec: LayerSpec, stats: LayerStats
-    ) -> GroupedLayer:
+    ) -> GroupedBottleneck:
         """The whitened fit of `target` under the input statistics `stats`
-        (`GroupedWhitening.fit`)."""
+        (`GroupedWhitening.fit`; its factors quantized under them, with `bits`)."""
         if not self.refits:
             return super().refit(target, bias, spec, stats)
         check_layer_tensors(spec, target, bias)
         self.check(spec)
         whitening = GroupedWhitening.of(fold_weight_2d(target), stats, self.groups)
         u, v, _ = whitening.fit(self.rank)
-        return GroupedLayer.from_factors(spec, u, v, self.groups, bias)
+        return self._stored(target, u, v, spec, bias, stats)
 
-    def empty(self, spec: LayerSpec) -> GroupedLayer:
+    def empty(self, spec: LayerSpec) -> GroupedBottleneck:
         self.check(spec)
-        return GroupedLayer(spec, self.groups, self.rank)
+        if self.bits is None:
+            return GroupedLayer(spec, self.groups, self.rank)
+        return QuantizedGroupedLayer(spec, self.groups, self.rank, self.bits)
 
     def error_bound(self, weight: Tensor) -> float | None:
         """ALDS's bound on the relative operator-norm error the plain fit leaves on `weight`:
         sqrt(groups) max_i sigma_{rank+1}(W_i) / sigma_1(W) (0 where every group has rank at most
         `rank`); `ConfigError` for an all-zero weight. None for the whitened fit, which
         minimises the output error on the calibration inputs instead and has no such bound
-        (docs/alds.md)."""
-        if self.fit != "plain":
+        (docs/alds.md), and for quantized factors (whose rounding the bound leaves out)."""
+        if self.fit != "plain" or self.bits is not None:
             return None
         top = float(torch.linalg.matrix_norm(fold_weight_2d(weight.detach()).double(), ord=2))
         if top == 0:
@@ -192,11 +241,16 @@ class Grouped(Scheme):
 
     @classmethod
     def parse_args(cls, args: list[str]) -> Grouped:
+        bits = None
+        if len(args) > 2 and args[-1].startswith("q"):
+            bits = int(args[-1][1:])
+            args = args[:-1]
         if len(args) not in (2, 3) or (len(args) == 3 and args[2] not in FITS):
             raise ValueError(
-                "expected grouped:GROUPS:RANK or grouped:GROUPS:RANK:whitened, e.g. grouped:3:8"
+                "expected grouped:GROUPS:RANK[:whitened][:qBITS], e.g. grouped:3:8 or "
+                "grouped:3:8:whitened:q4"
             )
-        return cls(int(args[0]), int(args[1]), *args[2:])
+        return cls(int(args[0]), int(args[1]), args[2] if len(args) == 3 else "plain", bits)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,10 +19,12 @@ codes on the default grid with per-row float16 tables, as `Quant(bits)` stores a
 layer of rank r stores Quant(bits)'s bits of a (r, fan_in) and of an (out, r) weight: about
 `bits / 32` of the float factors, for r times `32 / bits` more rank at the same size. Fitted in
 three steps from the float factors U V of the fit above:
-1. V quantized: steered under the layer's input second moment M (whitened fit; round-to-nearest
-   for the plain fit and LC's C step);
-2. U re-solved for the quantized V^: the least-squares U = W A V^' (V^ A V^')^-1, with
-   A = M + lam I (whitened) or I (plain), minimises the fit's own error tr(D A D') over U;
+1. V quantized row by row: steered under the layer's input second moment M (whitened fit; a
+   grouped fit's rows under their group's diagonal block of M; round-to-nearest for the plain fit
+   and LC's C step);
+2. U re-solved for the quantized V^ (block-diagonal for a grouped fit): the least-squares
+   U = W A V^' (V^ A V^')^-1, with A = M + lam I (whitened) or I (plain), minimises the fit's own
+   error tr(D A D') over U;
 3. U quantized: steered under the second moment V^ M V^' of the bottleneck's channels (the
    inputs U sees), or round-to-nearest.
 """
@@ -46,11 +48,13 @@ from allot.modules.lowrank import (
     first_spec,
     second_spec,
 )
+from allot.modules.quant import QuantGrid, QuantizedLayer, dequantize, stored_grid
 from allot.profile.activations import damped_cholesky
 from allot.profile.cache import Fingerprint
 from allot.schemes.base import Scheme, check_int_field, fitted_inputs, register_scheme
-from allot.schemes.quant import MAX_BITS, Quant
-from allot.schemes.steer import DAMPING
+from allot.schemes.grid import quantize_rtn
+from allot.schemes.quant import DEFAULT_GRID, MAX_BITS, Quant
+from allot.schemes.steer import DAMPING, steer
 from allot.stats import LayerStats
 
 if TYPE_CHECKING:
@@ -232,32 +236,17 @@ class LowRank(Scheme):
         bias: Tensor | None,
         stats: LayerStats | None,
     ) -> QuantizedLowRankLayer:
-        """The module docstring's three steps from the float factor `v`: steered under `stats`,
-        or round-to-nearest and the plain least squares when `stats` is None."""
         assert self.bits is not None
-        quant = Quant(self.bits, rounding="nearest" if stats is None else "steered")
-        first = first_spec(spec, self.rank)
-        v_weight = v.to(torch.float32).reshape(first.weight_shape)
-        if stats is None:
-            v_q = quant.project(v_weight, None, first)
-        else:
-            v_q = quant.fit_steered(v_weight, None, first, stats)
-        v_hat = v_q.reconstruct().reshape(self.rank, spec.fan_in).double()
-        w = weight_2d.detach().double()
-        if stats is None:
-            moment = torch.eye(spec.fan_in, dtype=torch.float64, device=w.device)
-        else:
-            cholesky, _ = damped_cholesky(stats, DAMPING)
-            moment = cholesky @ cholesky.T
-        u = least_squares_left(w, v_hat, moment)
-        second = second_spec(spec, self.rank)
-        u_weight = u.to(torch.float32)
-        if stats is None:
-            u_q = quant.project(u_weight, None, second)
-        else:
-            hidden = v_hat @ stats.input_cov.double() @ v_hat.T
-            u_q = quant.fit_steered(u_weight, None, second, LayerStats(hidden, stats.samples))
-        return QuantizedLowRankLayer.from_parts(spec, v_q, u_q, bias)
+        first, second = quantize_factors(
+            weight_2d,
+            v,
+            1,
+            self.bits,
+            stats,
+            first_spec(spec, self.rank),
+            second_spec(spec, self.rank),
+        )
+        return QuantizedLowRankLayer.from_parts(spec, first, second, bias)
 
     def select(self, target: Tensor, spec: LayerSpec, price: float) -> LowRank:
         """LC's rank selection: the rank r in 1..min(out, fan_in) minimising
@@ -297,3 +286,61 @@ def least_squares_left(weight_2d: Tensor, v: Tensor, moment: Tensor) -> Tensor:
     av = moment @ v.T  # (fan_in, rank)
     gram = v @ av  # (rank, rank)
     return torch.linalg.lstsq(gram, (weight_2d @ av).T).solution.T
+
+
+def quantize_factors(
+    weight_2d: Tensor,
+    v: Tensor,
+    groups: int,
+    bits: int,
+    stats: LayerStats | None,
+    first: LayerSpec,
+    second: LayerSpec,
+) -> tuple[QuantizedLayer, QuantizedLayer]:
+    """The quantized factors of a (grouped) low-rank fit, by the module docstring's three steps:
+    `v` (groups * rank, fan_in / groups: each group's rows read that group's consecutive input
+    columns) quantized row by row as `first`, U (out, groups * rank) re-solved for it and
+    quantized as `second`. With `stats`, both steered (each group's rows of V under its diagonal
+    block of M, U under the moment of the bottleneck's channels) and U solved under M + lam I;
+    without, rounded to nearest and U solved in the plain norm."""
+    kind = stored_grid(bits, DEFAULT_GRID)
+    v = v.detach().double()
+    width = v.shape[1]
+    if stats is None:
+        codes, grid = quantize_rtn(v, bits, None, kind)
+    else:
+        assert stats.input_cov is not None
+        blocks = []
+        for i, rows in enumerate(v.chunk(groups)):
+            cols = slice(i * width, (i + 1) * width)
+            block = LayerStats(stats.input_cov[cols, cols], stats.samples)
+            blocks.append(steer(rows, bits, 1, kind, block))
+        codes, grid = _stacked(blocks)
+    v_q = QuantizedLayer.from_codes(first, codes, grid)
+    v_hat = torch.block_diag(*dequantize(codes, grid).double().chunk(groups))
+    w = weight_2d.detach().double()
+    if stats is None:
+        moment = torch.eye(w.shape[1], dtype=torch.float64, device=w.device)
+    else:
+        cholesky, _ = damped_cholesky(stats, DAMPING)
+        moment = cholesky @ cholesky.T
+    u = least_squares_left(w, v_hat, moment)
+    if stats is None:
+        codes, grid = quantize_rtn(u, bits, None, kind)
+    else:
+        hidden = v_hat @ stats.input_cov.double() @ v_hat.T
+        codes, grid = steer(u, bits, 1, kind, LayerStats(hidden, stats.samples))
+    return v_q, QuantizedLayer.from_codes(second, codes, grid)
+
+
+def _stacked(parts: list[tuple[Tensor, QuantGrid]]) -> tuple[Tensor, QuantGrid]:
+    """Codes and grids of consecutive row blocks as one (their rows in order)."""
+    grids = [grid for _, grid in parts]
+
+    def rows(name: str) -> Tensor | None:
+        tables = [getattr(grid, name) for grid in grids]
+        return None if tables[0] is None else torch.cat(tables)
+
+    first = grids[0]
+    grid = QuantGrid(first.bits, first.kind, rows("scale"), rows("offset"), rows("zero"))
+    return torch.cat([codes for codes, _ in parts]), grid

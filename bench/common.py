@@ -120,19 +120,25 @@ class Journal:
     """Finished rows of a long benchmark run, written to `path` (atomically) after each row, so a
     run started again with the same `key` (model, calibration size, seed, ...) takes them from
     there instead of running them again. Rows are identified by `row_key` (by default their
-    `method` and `budget`); each row made in this run is marked with the code that made it."""
+    `method` and `budget`); each row made in this run is marked with the code that made it.
+    `partial`: report the rows journaled so far and run no more (`--partial` of a benchmark,
+    for a run stopped before its end; its results are written as `<stem>-partial`)."""
 
     def __init__(
         self,
         path: Path,
         key: dict,
         row_key: Callable[[dict], tuple] = lambda row: (row["method"], row["budget"]),
+        partial: bool = False,
     ) -> None:
         self.path = path
         self.key = key
+        self.partial = partial
         self.code = code_version()
         self.rows: list[dict] = []
         self.done: dict[tuple, dict] = {}
+        if partial and not path.exists():
+            raise SystemExit(f"--partial: there is no journal {path}; nothing to report")
         if path.exists():
             saved = json.loads(path.read_text())
             if saved["key"] != key:
@@ -151,7 +157,8 @@ class Journal:
         return row
 
     def resume(self, key: tuple) -> dict | None:
-        """The row an earlier run finished under `key` (appended to the rows), or None."""
+        """The row an earlier run finished under `key` (appended to the rows), or None; with
+        `partial`, a row not journaled is skipped: callers return this value without running."""
         row = self.done.get(key)
         if row is not None:
             self.rows.append(row)

@@ -20,7 +20,8 @@ in order on the compressed model's inputs) and, with `--finetune-epochs N > 0`, 
 calibration loss, the families the plan gave its layers, and for `joint` the artifact written and
 reloaded. The time to build the joint plan (scoring every candidate, then planning and applying
 one budget) is reported as a multiple of one forward+backward pass over the calibration set,
-measured in the same run. Finished rows are journaled. Writes
+measured in the same run. Finished rows are journaled; `--partial` writes the rows journaled so
+far (bench/results/<model>-joint-partial.*) and runs nothing. Writes
 bench/results/<model>-joint.{json,md,png}.
 
     nice python bench/joint.py --model mnist1d-cnn --threads 1 --finetune-epochs 1
@@ -62,12 +63,15 @@ PASSES = 3
 class Bench(ZooRun):
     """The model, its data, the scored candidates and the journaled rows of one run."""
 
-    def __init__(self, model_name: str, calibration: int, seed: int, finetune: int) -> None:
+    def __init__(
+        self, model_name: str, calibration: int, seed: int, finetune: int, partial: bool
+    ) -> None:
         key = {"model": model_name, "calibration": calibration, "seed": seed, "finetune": finetune}
         self.journal = Journal(
             RESULTS / f".{model_name}-joint.journal.json",
             key,
             lambda row: (row["method"], row["budget"], row["refine"]),
+            partial,
         )
         super().__init__(model_name, calibration, seed)
         self.inputs = self.dataset.example_inputs(8)
@@ -129,7 +133,7 @@ class Bench(ZooRun):
         """One row (taken from the journal when an earlier run finished it)."""
         label = f"ratio {ratio:g}x"
         done = self.journal.resume((variant, label, refine))
-        if done is not None:
+        if done is not None or self.journal.partial:
             return done
         scored = self.scoring(variant)
         refinement = {
@@ -181,8 +185,8 @@ class Bench(ZooRun):
         return {"file_bytes": size, "reloads": bool(same)}
 
 
-def run(model_name: str, calibration: int, seed: int, finetune: int) -> dict:
-    bench = Bench(model_name, calibration, seed, finetune)
+def run(model_name: str, calibration: int, seed: int, finetune: int, partial: bool) -> dict:
+    bench = Bench(model_name, calibration, seed, finetune, partial)
     refines = ["none", "feedback"] + (["finetune"] if finetune else [])
     for ratio in RATIOS:
         for variant in ("joint", *SINGLE, *REFERENCES):
@@ -190,6 +194,18 @@ def run(model_name: str, calibration: int, seed: int, finetune: int) -> dict:
                 if variant == "joint-second-order" and refine != "none":
                     continue
                 bench.run(variant, ratio, refine, finetune)
+    facts = {
+        **environment(model_name, bench.dataset, seed),
+        "code": bench.journal.code,
+        "finetune_epochs": finetune,
+    }
+    if partial:  # nothing scored in this process: no build time, no candidate counts
+        return {
+            **facts,
+            "candidates_per_layer": None,
+            "build": None,
+            "rows": [bench.float_row, *bench.journal.rows],
+        }
     # The build time: score the joint grid afresh (no cache) and plan one budget.
     scoring = bench.scoring_seconds.get("joint")
     if scoring is None:  # every row came from the journal: score again to time it
@@ -200,9 +216,7 @@ def run(model_name: str, calibration: int, seed: int, finetune: int) -> dict:
     planning = time.perf_counter() - start
     table = bench.scored["joint"].table
     return {
-        **environment(model_name, bench.dataset, seed),
-        "code": bench.journal.code,
-        "finetune_epochs": finetune,
+        **facts,
         "candidates_per_layer": {
             layer.name: dict(Counter(c.scheme.kinds for c in row))
             for layer, row in zip(table.layers, table.candidates, strict=True)
@@ -270,10 +284,16 @@ def markdown(results: dict) -> str:
         budget = f"ratio {ratio:g}x"
         for refine in refines:
             joint = next(
-                r
-                for r in rows
-                if r["method"] == "joint" and r["budget"] == budget and r["refine"] == refine
+                (
+                    r
+                    for r in rows
+                    if r["method"] == "joint" and r["budget"] == budget and r["refine"] == refine
+                ),
+                None,
             )
+            ran = {r["method"] for r in rows if r["budget"] == budget and r["refine"] == refine}
+            if joint is None or not ran & set(SINGLE):  # a partial report: not run yet
+                continue
             best = _best_single(rows, head, budget, refine)
             cet = next(
                 (
@@ -324,6 +344,19 @@ def markdown(results: dict) -> str:
         "",
         "## Cost of the joint plan",
         "",
+        *_cost(build, results["candidates_per_layer"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _cost(build: dict | None, candidates: dict | None) -> list[str]:
+    """The build time and the candidates per layer, or why a partial report has neither."""
+    if build is None or candidates is None:
+        return [
+            "Not in this report: it holds the rows journaled so far by a run that did not "
+            "finish (`--partial`), and nothing was scored in the process that wrote it."
+        ]
+    return [
         f"One forward+backward pass over the calibration set: {build['forward_backward_seconds']:.3f} "
         f"s (median of {PASSES}). Scoring the joint grid: {build['scoring_seconds']:.1f} s, "
         f"planning and applying one budget (16x): {build['planning_seconds']:.2f} s; together "
@@ -340,10 +373,9 @@ def markdown(results: dict) -> str:
             f"| {name} | {sum(counts.values())} | "
             + ", ".join(f"{k} {v}" for k, v in counts.items())
             + " |"
-            for name, counts in results["candidates_per_layer"].items()
+            for name, counts in candidates.items()
         ),
     ]
-    return "\n".join(lines) + "\n"
 
 
 def _cell(row: dict | None, head: str) -> str:
@@ -401,16 +433,22 @@ def main() -> None:
     parser.add_argument(
         "--finetune-epochs", type=int, default=0, help="also rows with a short finetune (epochs)"
     )
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="write the rows journaled so far as <model>-joint-partial and run no more",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = run(args.model, args.calibration, args.seed, args.finetune_epochs)
+    results = run(args.model, args.calibration, args.seed, args.finetune_epochs, args.partial)
     results["command"] = command()
-    stem = f"{args.model}-joint"
+    stem = f"{args.model}-joint" + ("-partial" if args.partial else "")
     write_json(RESULTS / f"{stem}.json", results)
     text = markdown(results)
     atomic_write(RESULTS / f"{stem}.md", text.encode())
     figure(results, RESULTS / f"{stem}.png")
-    (RESULTS / f".{stem}.journal.json").unlink(missing_ok=True)
+    if not args.partial:
+        (RESULTS / f".{stem}.journal.json").unlink(missing_ok=True)
     print(text)
 
 

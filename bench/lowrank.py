@@ -17,8 +17,9 @@ interleaved rounds in the same run), both again under `allot.runtime.prepare(mod
 (each low-rank layer on the faster of its factors and their dense product), and the artifact
 written and reloaded: its bytes next to the bytes the plan predicts (the folded float model's file
 less the weight bytes the plan saves).
-Finished rows are journaled, so an interrupted run resumes where it stopped. Writes
-bench/results/<model>-lowrank.{json,md}.
+Finished rows are journaled, so an interrupted run resumes where it stopped; `--partial` writes
+the rows journaled so far (bench/results/<model>-lowrank-partial.{json,md}) and runs nothing.
+Writes bench/results/<model>-lowrank.{json,md}.
 
     python bench/lowrank.py --model mnist-resnet20
     python bench/lowrank.py --model mnist1d-cnn
@@ -72,14 +73,18 @@ VARIANTS = (
 class Bench(ZooRun):
     """The model, its folded copy, the data, timing inputs and the journaled rows of one run."""
 
-    def __init__(self, model_name: str, calibration: int, seed: int, tolerance: float) -> None:
+    def __init__(
+        self, model_name: str, calibration: int, seed: int, tolerance: float, partial: bool
+    ) -> None:
         key = {
             "model": model_name,
             "calibration": calibration,
             "seed": seed,
             "tolerance": tolerance,
         }
-        self.journal = Journal(RESULTS / f".{model_name}-lowrank.journal.json", key)
+        self.journal = Journal(
+            RESULTS / f".{model_name}-lowrank.journal.json", key, partial=partial
+        )
         super().__init__(model_name, calibration, seed)
         self.inputs = self.dataset.example_inputs(LATENCY_BATCH)
         self.float_macs = macs(self.work, self.inputs)
@@ -117,7 +122,7 @@ class Bench(ZooRun):
         the journal when an earlier run finished it)."""
         label = budget.describe()
         done = self.journal.resume((name, label))
-        if done is not None:
+        if done is not None or self.journal.partial:
             return done
         scored, scoring = self.scoring(method)
         start = time.perf_counter()
@@ -206,8 +211,8 @@ def _joint_summary(records: dict | None) -> dict | None:
     }
 
 
-def run(model_name: str, calibration: int, seed: int, tolerance: float) -> dict:
-    bench = Bench(model_name, calibration, seed, tolerance)
+def run(model_name: str, calibration: int, seed: int, tolerance: float, partial: bool) -> dict:
+    bench = Bench(model_name, calibration, seed, tolerance, partial)
     compact_budget = Budget("loss", tolerance) if tolerance else Budget("lossless")
     compact = bench.run("lowrank-compact", get_method("lowrank-compact"), compact_budget)
     ratios = list(RATIOS)
@@ -319,15 +324,22 @@ def main() -> None:
         default=0.0,
         help="run compact under a loss budget with this tolerance (default: lossless)",
     )
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="write the rows journaled so far as <model>-lowrank-partial and run no more",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = run(args.model, args.calibration, args.seed, args.compact_tolerance)
+    results = run(args.model, args.calibration, args.seed, args.compact_tolerance, args.partial)
     results["command"] = command()
     stem = f"{args.model}-lowrank"
-    write_json(RESULTS / f"{stem}.json", results)
+    suffix = "-partial" if args.partial else ""
+    write_json(RESULTS / f"{stem}{suffix}.json", results)
     text = markdown(results)
-    atomic_write(RESULTS / f"{stem}.md", text.encode())
-    (RESULTS / f".{stem}.journal.json").unlink(missing_ok=True)
+    atomic_write(RESULTS / f"{stem}{suffix}.md", text.encode())
+    if not args.partial:
+        (RESULTS / f".{stem}.journal.json").unlink(missing_ok=True)
     print(text)
 
 

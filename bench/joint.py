@@ -185,11 +185,19 @@ class Bench(ZooRun):
         return {"file_bytes": size, "reloads": bool(same)}
 
 
-def run(model_name: str, calibration: int, seed: int, finetune: int, partial: bool) -> dict:
+def run(
+    model_name: str,
+    calibration: int,
+    seed: int,
+    finetune: int,
+    partial: bool,
+    ratios: tuple[float, ...] = RATIOS,
+    references: tuple[str, ...] = REFERENCES,
+) -> dict:
     bench = Bench(model_name, calibration, seed, finetune, partial)
     refines = ["none", "feedback"] + (["finetune"] if finetune else [])
-    for ratio in RATIOS:
-        for variant in ("joint", *SINGLE, *REFERENCES):
+    for ratio in ratios:
+        for variant in ("joint", *SINGLE, *references):
             for refine in refines:
                 if variant == "joint-second-order" and refine != "none":
                     continue
@@ -429,6 +437,16 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ratios",
+        default=",".join(f"{r:g}" for r in RATIOS),
+        help="comma-separated ratios, run in this order (default: all)",
+    )
+    parser.add_argument(
+        "--references",
+        default=",".join(REFERENCES),
+        help=f"comma-separated reference rows among {', '.join(REFERENCES)} (may be empty)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--finetune-epochs", type=int, default=0, help="also rows with a short finetune (epochs)"
@@ -440,7 +458,18 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = run(args.model, args.calibration, args.seed, args.finetune_epochs, args.partial)
+    references = tuple(r for r in args.references.split(",") if r)
+    if unknown := sorted(set(references) - set(REFERENCES)):
+        parser.error(f"unknown references {unknown}; known: {', '.join(REFERENCES)}")
+    results = run(
+        args.model,
+        args.calibration,
+        args.seed,
+        args.finetune_epochs,
+        args.partial,
+        tuple(float(r) for r in args.ratios.split(",")),
+        references,
+    )
     results["command"] = command()
     stem = f"{args.model}-joint" + ("-partial" if args.partial else "")
     write_json(RESULTS / f"{stem}.json", results)

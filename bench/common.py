@@ -133,6 +133,7 @@ class Journal:
     ) -> None:
         self.path = path
         self.key = key
+        self.row_key = row_key
         self.partial = partial
         self.code = code_version()
         self.rows: list[dict] = []
@@ -150,10 +151,13 @@ class Journal:
             self.done = {row_key(row): row for row in saved["rows"]}
 
     def add(self, row: dict) -> dict:
-        """Append a finished row, marked with the code that made it, and journal it."""
+        """Append a finished row, marked with the code that made it, and journal it with every
+        row journaled before, asked for in this run or not (a run of some of the rows, say
+        `--ratios`, must not drop the others)."""
         row["code"] = self.code
         self.rows.append(row)
-        write_json(self.path, {"key": self.key, "rows": self.rows})
+        self.done[self.row_key(row)] = row
+        write_json(self.path, {"key": self.key, "rows": list(self.done.values())})
         return row
 
     def resume(self, key: tuple) -> dict | None:

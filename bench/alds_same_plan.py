@@ -19,13 +19,12 @@ import re
 
 import torch
 from alds import REFINE_EPOCHS, Bench
-from common import RESULTS, command, environment
+from common import RESULTS, command, environment, write_results
 
 from allot.api import Refinement, prepare, refine_model
 from allot.apply import apply
 from allot.budget import Budget
 from allot.evaluate import metrics
-from allot.files import atomic_write, write_json
 from allot.plan import LayerPlan, Plan
 from allot.profile.engine import Profile
 from allot.schemes import Grouped, Keep, Scheme
@@ -131,9 +130,8 @@ def main() -> None:
     results = run(args.model, sizes, args.calibration, args.seed)
     results["command"] = command()
     stem = f"{args.model}-alds-same-plan"
-    write_json(RESULTS / f"{stem}.json", results)
     text = markdown(results)
-    atomic_write(RESULTS / f"{stem}.md", text.encode())
+    write_results(stem, results, text)
     print(text)
 
 

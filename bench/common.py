@@ -66,6 +66,13 @@ def environment(model_name: str, dataset: Dataset, seed: int) -> dict:
     }
 
 
+def write_results(stem: str, results: dict, text: str) -> None:
+    """Write a run's `results` as bench/results/<stem>.json and its report `text` as
+    <stem>.md, each atomically."""
+    write_json(RESULTS / f"{stem}.json", results)
+    atomic_write(RESULTS / f"{stem}.md", text.encode())
+
+
 def command() -> str:
     """The command line that ran this script, as written into the results."""
     script = Path(sys.argv[0])

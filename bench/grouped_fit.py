@@ -19,12 +19,11 @@ import statistics
 import time
 
 import torch
-from common import RESULTS, command, environment
+from common import command, environment, write_results
 
 from allot.api import prepare
 from allot.discover import fold_weight_2d, get_weight
 from allot.errors import spectral_norm
-from allot.files import atomic_write, write_json
 from allot.profile.engine import Profile
 from allot.schemes import Grouped, Keep
 from allot.schemes.grouped import SWEEPS, GroupedWhitening, divisors, svd_factors
@@ -170,9 +169,8 @@ def main() -> None:
     results = run(args.model, args.calibration, args.seed)
     results["command"] = command()
     stem = f"{args.model}-grouped-fit"
-    write_json(RESULTS / f"{stem}.json", results)
     text = markdown(results)
-    atomic_write(RESULTS / f"{stem}.md", text.encode())
+    write_results(stem, results, text)
     print(text)
 
 

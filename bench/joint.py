@@ -39,14 +39,13 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from common import RESULTS, Journal, ZooRun, command, environment, save_figure
+from common import RESULTS, Journal, ZooRun, command, environment, save_figure, write_results
 
 from allot import Budget, Scored, compress_scored, load, save, score
 from allot.api import Refinement
 from allot.data import forward
 from allot.evaluate import metrics
 from allot.exceptions import BudgetError
-from allot.files import atomic_write, write_json
 from allot.io import WEIGHTS
 from allot.methods import get_method
 from allot.methods.joint import JOINT, joint_grid
@@ -472,9 +471,8 @@ def main() -> None:
     )
     results["command"] = command()
     stem = f"{args.model}-joint" + ("-partial" if args.partial else "")
-    write_json(RESULTS / f"{stem}.json", results)
     text = markdown(results)
-    atomic_write(RESULTS / f"{stem}.md", text.encode())
+    write_results(stem, results, text)
     figure(results, RESULTS / f"{stem}.png")
     if not args.partial:
         (RESULTS / f".{stem}.journal.json").unlink(missing_ok=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from common import RESULTS, Journal, command, environment, refine_settings, save
 
 from allot import Budget, Policy, Refinement, compress_scored, score
 from allot.api import prepare
+from allot.cli import parse_settings
 from allot.discover import Layer
 from allot.evaluate import metrics
 from allot.exceptions import BudgetError
@@ -402,13 +402,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = {}
-    for text in args.lc:
-        key, _, value = text.partition("=")
-        try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value  # a word, such as an optimizer's name
+    settings = parse_settings(args.lc, "--lc")
     forms = args.forms.split(",") if args.forms else None
     if forms and (unknown := sorted(set(forms) - {f.name for f in FORMS})):
         parser.error(f"unknown forms {unknown}; known: {', '.join(f.name for f in FORMS)}")

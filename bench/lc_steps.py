@@ -9,12 +9,12 @@ looking at an LC schedule's trajectory; bench/lc.py is the benchmark.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from allot import Budget, Policy, Refinement, compress_scored, score
+from allot.cli import parse_settings
 from allot.methods import Method
 from allot.schemes import Keep
 from allot.zoo import create_model, get_dataset, get_entry
@@ -32,13 +32,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = {}
-    for text in args.lc:
-        key, _, value = text.partition("=")
-        try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
+    settings = parse_settings(args.lc, "--lc")
     model = create_model(args.model)
     dataset = get_dataset(
         get_entry(args.model).dataset, calibration_size=args.calibration, seed=args.seed

@@ -36,13 +36,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, Journal, ZooRun, command, environment
+from common import RESULTS, Journal, ZooRun, command, environment, write_results
 
 from allot import Budget, Refinement, Result, Scored, compress_scored, load, runtime, save, score
 from allot.data import forward
 from allot.evaluate import file_bytes, latencies, macs, metrics
 from allot.exceptions import BudgetError
-from allot.files import atomic_write, write_json
 from allot.io import WEIGHTS
 from allot.methods import Method, get_method
 from allot.profile.cache import Cache, default_directory
@@ -335,9 +334,8 @@ def main() -> None:
     results["command"] = command()
     stem = f"{args.model}-lowrank"
     suffix = "-partial" if args.partial else ""
-    write_json(RESULTS / f"{stem}{suffix}.json", results)
     text = markdown(results)
-    atomic_write(RESULTS / f"{stem}{suffix}.md", text.encode())
+    write_results(stem + suffix, results, text)
     if not args.partial:
         (RESULTS / f".{stem}.journal.json").unlink(missing_ok=True)
     print(text)

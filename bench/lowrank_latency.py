@@ -34,14 +34,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, code_version, command
+from common import RESULTS, code_version, command, write_results
 from torch import Tensor, nn
 
 from allot import Budget, LayerPlan, Plan, apply, runtime
 from allot.api import prepare
 from allot.data import forward
 from allot.evaluate import macs
-from allot.files import atomic_write, write_json
 from allot.modules.base import CompressedLayer
 from allot.modules.lowrank import LowRankLayer
 from allot.runtime.lowrank import FasterForm
@@ -351,9 +350,8 @@ def main() -> None:
         "layers": layers,
     }
     stem = f"{args.model}-lowrank-latency"
-    write_json(RESULTS / f"{stem}.json", results)
     text = markdown(results)
-    atomic_write(RESULTS / f"{stem}.md", text.encode())
+    write_results(stem, results, text)
     print(text)
 
 

@@ -335,11 +335,7 @@ def _refinement(
         for key, value in (("epochs", args.refine_epochs), ("lr", args.refine_lr))
         if value is not None
     }
-    for text in args.refine_setting or ():
-        key, sep, value = text.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--refine-setting {text!r}: expected KEY=VALUE, e.g. steps=10")
-        settings[key] = _setting_value(value)
+    settings.update(parse_settings(args.refine_setting or (), "--refine-setting"))
     name = name or args.refine
     if method is None:
         refinement = api.Refinement(name, settings)
@@ -361,12 +357,20 @@ def _refinement(
     return refinement
 
 
-def _setting_value(text: str) -> Any:
-    """A --refine-setting value: a JSON number, true/false/null, or else the text itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def parse_settings(texts: Iterable[str], option: str) -> dict[str, Any]:
+    """Settings from KEY=VALUE texts (`option`'s values), each value a JSON number,
+    true/false/null, or else the text itself (a word, such as an optimiser's name);
+    `ConfigError` naming `option` for a text that is not KEY=VALUE."""
+    settings: dict[str, Any] = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{option} {text!r}: expected KEY=VALUE, e.g. steps=10")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
 
 
 def cmd_refine(args: argparse.Namespace) -> None:

@@ -7,8 +7,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from allot.data import Data, supervised
+
+
+
+class SelfAttention(nn.Module):
+    """One head of self-attention over the tokens by `F.scaled_dot_product_attention`, whose
+    fused CPU kernel has no double backward."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v).squeeze(1)
+
 
 # name -> (model factory, input shape of one sample, profiled layers)
 MODELS = {
@@ -39,6 +55,11 @@ MODELS = {
         ),
         (2, 6, 6),
         ["0", "2"],
+    ),
+    "attention": (
+        lambda: nn.Sequential(SelfAttention(4), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)),
+        (3, 4),
+        ["0.qkv", "3"],
     ),
 }
 
@@ -72,8 +93,9 @@ def exact(model: nn.Module, names: list[str], batches: list) -> tuple[Tensor, Te
     flat = torch.cat([model.get_submodule(name).weight.detach().flatten() for name in names])
     training = model.training
     model.eval()
-    gradient = torch.func.grad(loss)(flat)
-    hessian = torch.autograd.functional.hessian(loss, flat)
+    with sdpa_kernel(SDPBackend.MATH):  # the reference's own double backward
+        gradient = torch.func.grad(loss)(flat)
+        hessian = torch.autograd.functional.hessian(loss, flat)
     model.train(training)
     return gradient.detach(), hessian.detach()
 

@@ -78,6 +78,26 @@ def test_block_hvps_equal_the_exact_diagonal_blocks_in_one_sweep(kind: str) -> N
             assert rel_error(hv.flatten(), hessian[block, block] @ v.flatten()) <= 1e-6
 
 
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_block_quadratics_are_the_exact_quadratic_forms_in_one_sweep(kind: str) -> None:
+    model, names, batches = setup(kind)
+    _, hessian = exact(model, names, batches)
+    curvature = Curvature(model, names, pairs(batches))
+    vectors = {
+        name: [torch.randn_like(model.get_submodule(name).weight) for _ in range(k)]
+        for name, k in zip(names, (2, 1), strict=True)
+    }
+    forms = curvature.block_quadratics(vectors)
+    assert curvature.passes.gradient_sweeps == 1 and curvature.passes.second_backward_sweeps == 3
+    for name, block in zip(names, blocks(model, names), strict=True):
+        assert len(forms[name]) == len(vectors[name])
+        for v, form in zip(vectors[name], forms[name], strict=True):
+            expected = float(v.flatten() @ hessian[block, block] @ v.flatten())
+            assert form == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert curvature.block_quadratics({names[0]: []}) == {names[0]: []}
+    assert curvature.passes.second_backward_sweeps == 3
+
+
 def test_block_hvps_of_no_vectors_cost_nothing() -> None:
     model, names, batches = setup("mlp")
     curvature = Curvature(model, names, pairs(batches))

@@ -30,9 +30,9 @@ class SecondOrder:
         return self.linear + self.quadratic
 
 
-def second_order_terms(gradient: Tensor, delta: Tensor, product: Tensor) -> SecondOrder:
-    """g.d and 1/2 d'(H d) from the layer's gradient g, the change d and the product H d."""
-    return SecondOrder(linear=_dot(gradient.double(), delta), quadratic=0.5 * _dot(product, delta))
+def second_order_terms(gradient: Tensor, delta: Tensor, form: float) -> SecondOrder:
+    """g.d and 1/2 d'H d from the layer's gradient g, the change d and its quadratic form d'H d."""
+    return SecondOrder(linear=_dot(gradient.double(), delta), quadratic=0.5 * form)
 
 
 def second_order_damage(
@@ -44,8 +44,8 @@ def second_order_damage(
     1 + len(deltas) forward+backward equivalents together.
     """
     gradient = curvature.gradient()[name]
-    hvs = curvature.layer_hvps(name, list(deltas))
-    return [second_order_terms(gradient, d, hv) for d, hv in zip(deltas, hvs, strict=True)]
+    forms = curvature.block_quadratics({name: list(deltas)})[name]
+    return [second_order_terms(gradient, d, form) for d, form in zip(deltas, forms, strict=True)]
 
 
 def trace_damage(trace: float, numel: int, delta: Tensor) -> float:

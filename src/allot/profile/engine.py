@@ -261,18 +261,18 @@ class Profile:
             with progress_counter("exact second-order damage", self.progress, steps) as step:
                 self.curvature.on_step = step
                 try:
-                    products = self.curvature.block_hvps(
+                    forms = self.curvature.block_quadratics(
                         {name: list(ds.values()) for name, ds in missing.items()}
                     )
                 finally:
                     self.curvature.on_step = lambda: None
             stored = {
                 key: torch.tensor(
-                    astuple(second_order_terms(self.gradient(name), delta, product)),
+                    astuple(second_order_terms(self.gradient(name), delta, form)),
                     dtype=torch.float64,
                 )
                 for name, ds in missing.items()
-                for (key, delta), product in zip(ds.items(), products[name], strict=True)
+                for (key, delta), form in zip(ds.items(), forms[name], strict=True)
             }
             self.cache.put(entry, stored)
         return {key: SecondOrder(*value.tolist()) for key, value in stored.items()}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from allot import distributed
 from allot.data import Data
@@ -158,38 +159,83 @@ class Curvature:
             )
         return self._weights[name]
 
+    def block_quadratics(self, vectors: dict[str, Sequence[Tensor]]) -> dict[str, list[float]]:
+        """v'H_ii v for every listed layer i and each of its vectors (loss units per squared
+        weight unit times the vector's squared units), in float64.
+
+        The same passes as `block_hvps`, but each product is reduced to its quadratic form batch
+        by batch, so no weight-sized product is held per vector: scoring many candidates at once
+        holds their perturbations only."""
+        for name in vectors:
+            self._weight(name)
+        names = [name for name in self.layers if vectors.get(name)]
+        requests = [({name: v}, [name]) for name in names for v in vectors[name]]
+        device = self._weights[names[0]].device if names else None
+        totals = torch.zeros(len(requests), dtype=torch.float64, device=device)
+
+        def reduce(k: int, n_b: int, request: dict[str, Tensor], hvs: list[Tensor]) -> None:
+            (name,) = request
+            totals[k] += n_b * (hvs[0].double() * request[name].double()).sum()
+
+        samples = self._second_backwards(names, requests, reduce, [totals]) if requests else 1
+        values = iter((totals / _checked(samples)).tolist())
+        return {
+            name: [next(values) for _ in vectors[name]] if name in names else [] for name in vectors
+        }
+
     def _hvps(
         self, names: list[str], requests: list[tuple[dict[str, Tensor], list[str]]]
     ) -> list[dict[str, Tensor]]:
         """For each request (vectors {layer: v}, output layers), sum_j H_ij v_j for every output
         layer i, all layers within `names` (vectors of other layers count as zero). One forward and
         first backward per batch serve every request; each request costs one second backward."""
+        sums = [{n: torch.zeros_like(self._weights[n]) for n in outputs} for _, outputs in requests]
+
+        def accumulate(k: int, n_b: int, request: dict[str, Tensor], hvs: list[Tensor]) -> None:
+            for entry, hv in zip(sums[k].values(), hvs, strict=True):
+                entry.add_(hv, alpha=n_b)
+
+        samples = self._second_backwards(
+            names, requests, accumulate, [t for s in sums for t in s.values()]
+        )
+        return [{n: s / _checked(samples) for n, s in total.items()} for total in sums]
+
+    def _second_backwards(
+        self,
+        names: list[str],
+        requests: list[tuple[dict[str, Tensor], list[str]]],
+        consume: Callable[[int, int, dict[str, Tensor], list[Tensor]], None],
+        sums: list[Tensor],
+    ) -> int:
+        """Per batch, the batch's H_b v of every request: `consume(k, n_b, vectors, products)`
+        with request k's vectors and its products for its output layers (in their order). One
+        forward and first backward per batch serve every request; each request costs one second
+        backward. `sums` (what `consume` accumulates into) are all-reduced over ranks; returns
+        the sample count N over all ranks."""
         weights = {name: self._weights[name] for name in names}
         vectors = [{n: self._vector(weights[n], v) for n, v in vs.items()} for vs, _ in requests]
-        sums = [{n: torch.zeros_like(weights[n]) for n in outputs} for _, outputs in requests]
         samples = 0
         with self._differentiating(names) as params:
             for n_b, grads in self._batch_gradients(params, create_graph=True):
                 samples += n_b
                 gradient = dict(zip(names, grads, strict=True))
-                for k, (request, total) in enumerate(zip(vectors, sums, strict=True)):
+                for k, (request, (_, outputs)) in enumerate(zip(vectors, requests, strict=True)):
                     terms = [(gradient[n] * v).sum() for n, v in request.items()]
                     dot = torch.stack(terms).sum() if terms else None
                     if dot is None or not dot.requires_grad:
                         continue  # the gradient does not depend on w along v: H v is zero
                     hvs = torch.autograd.grad(
                         dot,
-                        [weights[n] for n in total],
+                        [weights[n] for n in outputs],
                         retain_graph=k < len(vectors) - 1,
                         materialize_grads=True,
                     )
-                    for entry, hv in zip(total.values(), hvs, strict=True):
-                        entry.add_(hv, alpha=n_b)
+                    consume(k, n_b, request, list(hvs))
                     self.on_step()
-        (samples,) = distributed.sum_over_ranks([t for s in sums for t in s.values()], [samples])
+        (samples,) = distributed.sum_over_ranks(sums, [samples])
         self.passes.gradient_sweeps += 1
         self.passes.second_backward_sweeps += len(vectors)
-        return [{n: s / _checked(samples) for n, s in total.items()} for total in sums]
+        return samples
 
     @staticmethod
     def _vector(weight: Tensor, v: Tensor | None) -> Tensor | None:
@@ -207,9 +253,7 @@ class Curvature:
         """Per batch of this process's share: its sample count n_b and the gradient of its mean
         loss w.r.t. `params`."""
         for batch in distributed.shard(self.data.batches()):
-            # the graph of a gradient is built for a second backward, which split convolutions
-            # run without PyTorch's unneeded weight-gradient convolutions
-            with split_convolutions(self.model) if create_graph else nullcontext():
+            with _for_second_backward(self.model) if create_graph else nullcontext():
                 loss = self.data.loss(self.data.outputs(self.model, batch), batch)
                 grads = torch.autograd.grad(
                     loss, params, create_graph=create_graph, materialize_grads=True
@@ -235,6 +279,15 @@ class Curvature:
                 p.requires_grad_(flag)
             for module, training in modes:
                 module.training = training
+
+
+@contextmanager
+def _for_second_backward(model: nn.Module) -> Iterator[None]:
+    """The forward of a gradient's graph built for a second backward: split convolutions run it
+    without PyTorch's unneeded weight-gradient convolutions, and scaled dot-product attention
+    runs its math kernel (the fused CPU kernels have no double backward)."""
+    with split_convolutions(model), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def _checked(samples: float) -> float:

@@ -52,6 +52,34 @@ def test_compress_prints_float_then_compressed_and_writes_artifact(tmp_path, cap
     assert code == 0 and "report.md" in stdout
 
 
+def test_no_geometry_leaves_out_only_the_geometry_and_its_lanczos_sweeps(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    from allot.profile.engine import Profile
+
+    runs = []
+    krylov = Profile.krylov
+    monkeypatch.setattr(Profile, "krylov", lambda self: runs.append(1) or krylov(self))
+    plans = {}
+    for flags in ((), ("--no-geometry",)):
+        out = tmp_path / f"cet{len(flags)}"
+        code, _, _ = _run(
+            capsys,
+            *("compress", "test-cnn", "--method", "cet", "--bits", "4", "--no-cache"),
+            *("--out", str(out), "--calibration", "64", *flags),
+        )
+        assert code == 0
+        plans[flags] = json.loads((out / PLAN).read_text())
+        report = (out / "report.md").read_text()
+        assert ("## Error geometry" in report) == (not flags)
+        assert ("error geometry not computed" in report) == bool(flags)
+        assert "## Predicted vs measured loss change" in report
+    assert len(runs) == 1  # only the run with geometry ran Lanczos
+    with_geometry, without = plans[()], plans[("--no-geometry",)]
+    assert "geometry" in with_geometry["metadata"] and "geometry" not in without["metadata"]
+    assert without["layers"] == with_geometry["layers"]
+
+
 def test_cet_under_a_damage_limit_reports_prediction_geometry_and_pareto(tmp_path, capsys) -> None:
     out = tmp_path / "cet"
     code, _, _ = _run(

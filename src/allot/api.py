@@ -34,11 +34,11 @@ from allot.plan import LayerPlan, Plan
 from allot.policy import Policy
 from allot.prediction import (
     check_prediction,
-    geometry,
     geometry_json,
     operator_errors,
     plan_deltas,
 )
+from allot.prediction import geometry as error_geometry
 from allot.profile.cache import Cache
 from allot.profile.engine import Profile, Settings
 from allot.profile.measure import mean_loss
@@ -174,13 +174,15 @@ def compress(
     seed: int = 0,
     cache: Cache | None = None,
     progress: bool = True,
+    geometry: bool = True,
 ) -> Result:
     """Compress `model` with `method` under `budget`, using `data`'s calibration batches.
 
     The input model is not modified. Same model, data, method, budget and seed give the same plan.
     `policy` keeps layers in float or pins their scheme; `refinement` replaces the method's
     refinement (`Refinement.of(method, "finetune", epochs=2)`); `cache` keeps profile statistics
-    on disk between runs (none by default).
+    on disk between runs (none by default); `geometry=False` leaves out the report's error
+    geometry (`compress_scored`).
     """
     scored = score(
         model,
@@ -192,14 +194,24 @@ def compress(
         cache=cache,
         progress=progress,
     )
-    return compress_scored(scored, budget, refinement)
+    return compress_scored(scored, budget, refinement, geometry=geometry)
 
 
-def compress_scored(scored: Scored, budget: Budget, refinement: Refinement | None = None) -> Result:
+def compress_scored(
+    scored: Scored,
+    budget: Budget,
+    refinement: Refinement | None = None,
+    *,
+    geometry: bool = True,
+) -> Result:
     """Choose the plan for `budget` among scored candidates, apply it to a copy of the model,
     refine it (the method's refinement, or `refinement`), and check its predictions against the
     second-order model and measurement (for methods whose error model reads curvature or predicts
-    the loss change)."""
+    the loss change).
+
+    `geometry=False` leaves out the report's error geometry of curvature methods: it needs every
+    layer's Lanczos eigenpairs, `Settings.lanczos_iterations` lock-step HVP sweeps (a third to a
+    half of a compression's passes on the zoo models) unless the profile's cache has them."""
     method, table, work, data = scored.method, scored.table, scored.work, scored.data
     allocator = get_allocator(method.allocator)
     layers = scored.discovery.layers
@@ -315,8 +327,13 @@ def compress_scored(scored: Scored, budget: Budget, refinement: Refinement | Non
         deltas = plan_deltas(work, compressed, plan)
         check = check_prediction(scored.profile, deltas, work, compressed, data)
         plan.metadata["prediction"] = check.to_json()
-    if error_model.curvature:
-        plan.metadata["geometry"] = geometry_json(geometry(scored.profile, deltas))
+    if error_model.curvature and geometry:
+        plan.metadata["geometry"] = geometry_json(error_geometry(scored.profile, deltas))
+    elif error_model.curvature:
+        plan.metadata["notes"] = [
+            *plan.metadata["notes"],
+            "error geometry not computed (geometry=False, `--no-geometry`)",
+        ]
     return Result(compressed, plan, table, scored.profile)
 
 

@@ -263,6 +263,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
             seed=args.seed,
             cache=_cache(args),
             progress=not args.no_progress,
+            geometry=not args.no_geometry,
         )
         if args.weights:
             result.plan.metadata["float_weights"] = str(Path(args.weights).resolve())
@@ -881,6 +882,12 @@ def parser() -> argparse.ArgumentParser:
         help="score only candidates that no other candidate of their layer storing no more beats "
         "by more than MARGIN (>= 1) times in output error |dW x|^2 (saves the passes of the "
         "measured error model; default: the method's own, usually none)",
+    )
+    p.add_argument(
+        "--no-geometry",
+        action="store_true",
+        help="leave the error geometry out of the report of a curvature method (saves its "
+        "Lanczos sweeps: a third to a half of the passes of cet on the zoo models)",
     )
     _add_budget(p)
     _add_source(p)

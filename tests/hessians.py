@@ -12,7 +12,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from allot.data import Data, supervised
 
 
-
 class SelfAttention(nn.Module):
     """One head of self-attention over the tokens by `F.scaled_dot_product_attention`, whose
     fused CPU kernel has no double backward."""

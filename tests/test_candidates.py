@@ -1,5 +1,6 @@
-"""Scoring holds one layer's dense perturbations at a time for layerwise error models, and a
-layerwise model's damages do not depend on which layers it is handed together."""
+"""Scoring holds one layer's dense perturbations at a time for layerwise error models and at most
+about `HELD_BYTES` for the others, and a layerwise model's damages do not depend on which layers
+it is handed together."""
 
 import gc
 import weakref
@@ -9,6 +10,7 @@ import torch
 from hessians import pairs
 from torch import nn
 
+import allot.candidates as candidates
 from allot.candidates import score_candidates
 from allot.discover import discover
 from allot.errors import ERROR_MODELS, ErrorModel, get_error_model
@@ -33,10 +35,11 @@ def _grid(_layer):
 
 
 class Recorder:
-    """An error model's `damages` (the output model's) that records the layers of each call and
+    """An error model's `damages` (those of `model`) that records the layers of each call and
     weak references to every perturbation it was handed."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = "output") -> None:
+        self.model = get_error_model(model)
         self.calls: list[list[str]] = []
         self.handed: list[weakref.ref] = []
         self.alive_at_call: list[int] = []
@@ -46,7 +49,7 @@ class Recorder:
         self.alive_at_call.append(sum(ref() is not None for ref in self.handed))
         self.calls.append(list(deltas))
         self.handed += [weakref.ref(d) for ds in deltas.values() for d in ds]
-        return get_error_model("output").damages(deltas, profile)
+        return self.model.damages(deltas, profile)
 
 
 @pytest.mark.parametrize("layerwise", [True, False])
@@ -66,6 +69,25 @@ def test_layerwise_scoring_frees_each_layers_perturbations_once_scored(layerwise
     assert [[c.damage for c in row] for row in table.candidates] == [
         [c.damage for c in row] for row in expected.candidates
     ]
+
+
+def test_curvature_scoring_past_the_held_bytes_scores_in_several_calls_alike(monkeypatch) -> None:
+    profile = _profile()
+    curvature = get_error_model("curvature")
+    together = score_candidates(profile.model, profile.layers, _grid, curvature, profile, False)
+    sweeps = profile.curvature.passes.gradient_sweeps
+    profile = _profile()  # the same model and data, nothing computed yet
+    recorder = Recorder("curvature")
+    recorded = ErrorModel("recorded", recorder)
+    # float64 perturbations of 3 candidates per layer: the first two layers reach the limit
+    first, second, third = profile.layers
+    monkeypatch.setattr(candidates, "HELD_BYTES", 3 * 8 * (second.spec.numel + third.spec.numel))
+    apart = score_candidates(profile.model, profile.layers, _grid, recorded, profile, False)
+    assert recorder.calls == [[first.name, second.name], [third.name]]
+    assert recorder.alive_at_call == [0, 0]
+    assert profile.curvature.passes.gradient_sweeps == sweeps + 1
+    for row, expected in zip(apart.candidates, together.candidates, strict=True):
+        assert [c.damage for c in row] == pytest.approx([c.damage for c in expected], rel=1e-9)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, m in ERROR_MODELS.items() if m.layerwise))

@@ -30,6 +30,12 @@ from allot.progress import progress_bar
 from allot.schemes import Grid, Scheme
 from allot.schemes.base import compress_all
 
+HELD_BYTES = 2**30
+"""Most bytes of dense perturbations scoring holds for an error model that scores many layers in
+one call (the exact-HVP models share each batch's forward and first backward among them): past
+this, the layers fitted so far are scored and their perturbations freed, at one more gradient
+sweep per such call (a few at 100M weights, against some 700 second backwards)."""
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -147,9 +153,10 @@ def score_candidates(
     `screen` (a margin >= 1), candidates screened out by their output error are dropped first,
     unscored (module docstring).
 
-    All perturbations go to the error model in one call, so curvature models share their passes;
-    a `layerwise` error model scores each layer as soon as it is fitted instead, and the layer's
-    dense perturbations are freed then (a model's worth of them per candidate otherwise).
+    Perturbations go to the error model as few calls as `HELD_BYTES` allows (all in one below
+    it), so curvature models share their passes; a `layerwise` error model scores each layer as
+    soon as it is fitted instead. Either way a call's dense perturbations are freed once scored
+    (a model's worth of them per candidate otherwise).
     Each candidate keeps its fitted module (compressed storage, far smaller than the dense
     perturbations held while scoring).
     """
@@ -158,6 +165,7 @@ def score_candidates(
     deltas: dict[str, list[Tensor]] = {}
     damages: dict[str, list[float]] = {}
     screened_out = None if screen is None else []
+    held = 0
     for i, layer in enumerate(progress_bar(layers, "fitting candidates", progress)):
         with torch.no_grad():
             weight, bias = get_weight(model, layer.name)
@@ -171,9 +179,11 @@ def score_candidates(
                 [v[j] for j in kept] for v in (schemes[i], fitted, changes)
             )
         modules[layer.name], deltas[layer.name] = fitted, changes
-        if error_model.layerwise:
+        held += sum(change.numel() * change.element_size() for change in changes)
+        if error_model.layerwise or held >= HELD_BYTES:
             damages.update(error_model.damages(deltas, profile))
             deltas.clear()
+            held = 0
     if deltas:
         damages.update(error_model.damages(deltas, profile))
     for layer, row in zip(layers, schemes, strict=True):

@@ -52,7 +52,7 @@ STAGES = (
     (api, "operator_errors", "operator errors"),
     (api, "plan_deltas", "plan deltas"),
     (api, "check_prediction", "prediction check"),
-    (api, "geometry", "geometry"),
+    (api, "error_geometry", "geometry"),
 )
 """(owner, attribute, label) of every watched stage, in pipeline order."""
 EVALUATION = "evaluation (held-out metrics)"
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         scored = api.score(model, data, args.method, seed=args.seed, progress=False)
         scoring_s = time.perf_counter() - start
-        result = api.compress_scored(scored, budget)
+        result = api.compress_scored(scored, budget, geometry=not args.no_geometry)
         plan_s = time.perf_counter() - start - scoring_s
         evaluation = evaluate(result.model, data)
     finally:
@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> dict:
         **environment(args.model, dataset, args.seed),
         "method": args.method,
         "budget": budget.describe(),
+        "geometry": not args.no_geometry,
         "load_average": load(),
         "layers": len(rows),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -120,7 +121,8 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Code {result['code']}, torch {result['torch']}, {result['threads']} thread(s), "
         f"{result['calibration_samples']} calibration samples, seed {result['seed']}, budget "
-        f"{result['budget']}.",
+        f"{result['budget']}"
+        + ("." if result.get("geometry", True) else ", the report's error geometry left out."),
         "",
         "Run with `nice` on a shared 2-core machine while other benchmarks ran (load average "
         + ", ".join(f"{x:.2f}" for x in result["load_average"])
@@ -172,6 +174,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
+    parser.add_argument(
+        "--no-geometry", action="store_true", help="plan without the report's error geometry"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)

@@ -9,9 +9,10 @@ storage: the single parts of the additive forms, at the same size, are forms too
 (the refiner's defaults with the zoo recipe's optimiser and learning rate, a tenth of it where
 BatchNorm was folded, unless `--lc KEY=VALUE` overrides them); then `cet-feedback` runs at
 every distinct ratio the forms reached (rounded up to 0.01x, so it never stores more). Rows are
-journaled in bench/results/.<model>-lc.journal.json and every LC run checkpoints in
-bench/results/.<model>-lc-checkpoints/, so an interrupted run resumes, mid-LC included.
-Writes bench/results/<model>-lc.{json,md,png}.
+journaled in bench/results/.<stem>.journal.json and every LC run checkpoints in
+bench/results/.<stem>-checkpoints/, so an interrupted run resumes, mid-LC included; a finished
+run removes its journal. Writes bench/results/<stem>.{json,md,png}, the stem `<model>-lc`
+(`--tag T`: `<model>-lc-T`).
 
     nice python bench/lc.py --model mnist1d-cnn
     nice python bench/lc.py --model mnist-resnet20 --forms "quant1+sparse2%"
@@ -108,7 +109,9 @@ ADDITIVE = {
 class Bench:
     """One model's run: its data, the rows so far, and the journal they resume from."""
 
-    def __init__(self, model_name: str, settings: dict, calibration: int, seed: int) -> None:
+    def __init__(
+        self, model_name: str, settings: dict, calibration: int, seed: int, stem: str
+    ) -> None:
         self.model_name, self.seed = model_name, seed
         self.model = create_model(model_name)
         # the zoo recipe's optimiser and rate (a tenth where BatchNorm was folded), unless given
@@ -117,11 +120,11 @@ class Bench:
         self.settings = dataclasses.asdict(LCSettings(**settings))
         self.key = {"model": model_name, "calibration": calibration, "seed": seed, **settings}
         self.journal = Journal(
-            RESULTS / f".{model_name}-lc.journal.json",
+            RESULTS / f".{stem}.journal.json",
             self.key,
             lambda row: (row["form"], row["variant"]),
         )
-        self.checkpoints = RESULTS / f".{model_name}-lc-checkpoints"
+        self.checkpoints = RESULTS / f".{stem}-checkpoints"
         self.code = self.journal.code
         self.dataset = get_dataset(
             get_entry(model_name).dataset, calibration_size=calibration, seed=seed
@@ -237,9 +240,14 @@ class Bench:
 
 
 def run(
-    model_name: str, settings: dict, calibration: int, seed: int, forms: list[str] | None = None
+    model_name: str,
+    settings: dict,
+    calibration: int,
+    seed: int,
+    forms: list[str] | None = None,
+    stem: str | None = None,
 ) -> dict:
-    bench = Bench(model_name, settings, calibration, seed)
+    bench = Bench(model_name, settings, calibration, seed, stem or f"{model_name}-lc")
     anchor = bench.anchor_ratio()
     for form in FORMS:
         if forms is None or form.name in forms:
@@ -400,20 +408,23 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", help="suffix of the results' names: <model>-lc-TAG")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = parse_settings(args.lc, "--lc")
     forms = args.forms.split(",") if args.forms else None
     if forms and (unknown := sorted(set(forms) - {f.name for f in FORMS})):
         parser.error(f"unknown forms {unknown}; known: {', '.join(f.name for f in FORMS)}")
-    results = run(args.model, settings, args.calibration, args.seed, forms)
+    name = f"{args.model}-lc" + (f"-{args.tag}" if args.tag else "")
+    results = run(args.model, settings, args.calibration, args.seed, forms, name)
     results["command"] = command()
-    stem = RESULTS / f"{args.model}-lc"
+    stem = RESULTS / name
     write_json(stem.with_suffix(".json"), results)
     plot(results, stem.with_suffix(".png"))
     atomic_write(
         stem.with_suffix(".md"), markdown(results, results["command"], stem.name + ".png").encode()
     )
+    (RESULTS / f".{name}.journal.json").unlink(missing_ok=True)
     print(markdown(results, results["command"], stem.name + ".png"))
 
 

@@ -276,3 +276,19 @@ def test_a_feedback_start_is_error_feedbacks_model_and_a_fixed_point_of_the_c_st
     history = refined.plan.metadata["lc"]["history"]
     assert history[-1]["worst_gap"] < 0.05
     assert mean_loss(refined.model, digits) < mean_loss(post.model, digits)
+
+
+def test_a_feasible_start_starts_every_layer_at_its_projection(digits) -> None:
+    scheme = "quant:2"  # round-to-nearest: error feedback cannot re-fit it
+    direct = _lc(digits, scheme, steps=0, start="direct")
+    feedback = _lc(digits, scheme, steps=0, start="feedback")
+    feasible = _lc(digits, scheme, steps=0, start="feasible")
+    starts = [r.plan.metadata["lc"]["history"][0] for r in (direct, feedback, feasible)]
+    # the same compressed model, Delta(Theta_0) the projection of the float weights...
+    assert starts[2]["metrics"] == pytest.approx(starts[0]["metrics"])
+    # ...but only the feasible start's free weights are at it
+    assert starts[0]["gap"] > 0 and starts[1]["gap"] == starts[0]["gap"]
+    assert starts[2]["gap"] == 0.0
+    # and training from there lowers the compressed model's loss
+    trained = _lc(digits, scheme, steps=2, start="feasible", lr=0.005)
+    assert mean_loss(trained.model, digits) < mean_loss(feasible.model, digits)

@@ -10,6 +10,9 @@ min L(w) under those constraints by the augmented Lagrangian, alternating:
   whose scheme re-fits (steered quantization, whitened low rank, sums holding them), which start
   feasible at w = Delta(Theta): LC then starts from the best post-training model of the plan's
   form instead of a projection that may have lost the model (other layers start as direct);
+  or (`start="feasible"`) the same, with every other constrained layer starting feasible too,
+  at w = Delta(Theta) of its projection (training from the compressed model, as
+  quantization-aware training does, rather than pulling the float one towards it);
 - for k = 0..K-1, mu = mu0 * growth^k:
   - L step: `epochs` passes of the shared training loop (`refine/train.py`) over the data's
     training batches on L(w) + mu/2 sum_l |w_l - Delta_l - lambda_l / mu|^2, over every trainable
@@ -62,7 +65,7 @@ from allot.refine.lc_state import LCState, load_state, save_state
 from allot.refine.train import OPTIMIZERS, SCHEDULES, TrainSettings, train
 from allot.schemes import Scheme
 
-STARTS = ("direct", "feedback")
+STARTS = ("direct", "feedback", "feasible")
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,9 @@ class LCSettings:
     `relative`: the rate is a fraction of each parameter tensor's RMS (`TrainSettings`);
     `scaled`: each layer's penalty is mu / s_l^2 with s_l the RMS of its float weight, so mu is
     per weight in units of the layer's own scale (see the module's docstring);
-    `start`: `direct` (Theta from the applied plan, w the float weights) or `feedback` (error
+    `start`: `direct` (Theta from the applied plan, w the float weights), `feedback` (error
     feedback re-fits the layers whose scheme re-fits, and they start feasible, w = Delta(Theta);
-    the others start as `direct`);
+    the others start as `direct`) or `feasible` (as `feedback`, and every layer starts feasible);
     `multipliers` False gives the quadratic-penalty method;
     `rank_alpha` (loss units per stored bit) turns on rank selection in the C steps; `seed` of
     the L steps; `checkpoint` a directory for the state after each step, `resume` to continue
@@ -157,7 +160,7 @@ def learning_compression(
     identity = settings.identity(plan)
     directory = Path(settings.checkpoint) if settings.checkpoint else None
     saved = load_state(directory, identity) if directory and settings.resume else None
-    if saved is None and settings.start == "feedback":
+    if saved is None and settings.start != "direct":
         feedback(reference, model, plan, data, progress)
     run = _Run(reference, model, plan, data, settings)
     if saved is None:
@@ -200,11 +203,15 @@ class _Run:
         }
         # each layer's unit of squared weight: its float weight's mean square, or 1
         self.units = {name: _unit(self.weight(name), settings.scaled) for name in self.multipliers}
-        if settings.start == "feedback":  # where feedback fitted Theta, start feasible
-            with torch.no_grad():
-                for name in refined_layers(plan):
-                    if name in self.multipliers:
-                        self.weight(name).copy_(dense_weight(self.theta[name]))
+        feasible = {
+            "direct": (),
+            "feedback": refined_layers(plan),  # where feedback fitted Theta
+            "feasible": self.multipliers,
+        }[settings.start]
+        with torch.no_grad():
+            for name in feasible:
+                if name in self.multipliers:
+                    self.weight(name).copy_(dense_weight(self.theta[name]))
         self.history: list[dict[str, Any]] = []
 
     def weight(self, name: str) -> nn.Parameter:
